@@ -1,0 +1,48 @@
+"""The thin entry point every DVC stage goes through.
+
+``python -m pipeline.stages.<name> [key=value ...]`` loads ``params.yaml`` (with overrides),
+runs the stage, records its wall time next to its outputs, and turns a ``PipelineError`` into a short
+message and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.logging import RichHandler
+
+from pipeline import paths
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.io import write_json
+
+console = Console(stderr=True)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(name: str, fn: Callable[[DictConfig], None]) -> None:
+    """Run stage ``fn`` as a program: see the module docstring."""
+    setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    try:
+        cfg = load_params(overrides=sys.argv[1:])
+        fn(cfg)
+    except PipelineError as error:
+        console.print(f"[bold red]error in stage {name}:[/] {error}")
+        sys.exit(2)
+    seconds = time.perf_counter() - start
+    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2)})
+    logging.getLogger(name).info("stage %s finished in %.1f s", name, seconds)

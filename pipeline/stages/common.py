@@ -1,0 +1,29 @@
+"""Small helpers shared by stage entry points: reading splits and the chosen direction."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import paths
+from pipeline.errors import DataError
+from pipeline.io import load_tensors, read_json
+
+
+def read_split(stage: str, side: str, split: str) -> list[dict]:
+    """Records of one split as written by ``stage`` (``data`` or ``filter``)."""
+    records = read_json(paths.split_file(stage, side, split))
+    if not records:
+        raise DataError(f"{paths.split_file(stage, side, split)} is empty",
+                        "enlarge the split in conf/data or disable data.filter for it")
+    return records
+
+
+def instructions(records: list[dict]) -> list[str]:
+    return [r["instruction"] for r in records]
+
+
+def chosen_direction() -> tuple[torch.Tensor, dict]:
+    """The selected direction (``[d_model]``, float32) and its metadata."""
+    meta = read_json(paths.stage_dir("select") / "direction.json")
+    direction = load_tensors(paths.stage_dir("select") / "direction.safetensors")["direction"]
+    return direction, meta

@@ -1,0 +1,82 @@
+"""Stage ``loss``: does the intervention damage ordinary language modelling?
+
+Cross-entropy (nats per token) of the model, baseline vs directional ablation vs activation
+subtraction, on two kinds of text, as in the paper: general text (``eval.loss.text``; the paper used
+the Pile) and the model's own baseline completions of harmless prompts (scored on the response tokens
+after the chat prompt). Small deltas mean the direction can be removed without hurting the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from omegaconf import DictConfig
+
+from pipeline import paths
+from pipeline.cli import run_stage
+from pipeline.data_sources import load_texts
+from pipeline.interventions import intervention
+from pipeline.io import read_json, write_json
+from pipeline.models.loading import LoadedModel, load_model
+from pipeline.stages.common import chosen_direction
+
+log = logging.getLogger(__name__)
+
+INTERVENTIONS = ("baseline", "ablation", "subtraction")
+
+
+def text_sequences(lm: LoadedModel, docs: list[str], max_length: int) -> list[tuple[list[int], int]]:
+    """Tokenized documents (with the tokenizer's own BOS, if any), scored from the second token on."""
+    ids = lm.tokenizer(docs, add_special_tokens=True, truncation=True, max_length=max_length).input_ids
+    return [(seq, 1) for seq in ids if len(seq) > 1]
+
+
+def completion_sequences(lm: LoadedModel, items: list[dict], max_length: int) -> list[tuple[list[int], int]]:
+    """Chat prompt + the model's response (at most ``max_length`` response tokens), scored on the response."""
+    pairs = lm.chat.encode_responses([i["instruction"] for i in items], [i["response"] for i in items])
+    return [(seq[: n + max_length], n) for seq, n in pairs if len(seq) > n]
+
+
+def cross_entropy(lm: LoadedModel, sequences, prefix, batch_size: int, desc: str) -> float:
+    results = lm.runner(batch_size).response_nll(sequences, prefix, desc=desc)
+    total, count = sum(r[0] for r in results), sum(r[1] for r in results)
+    return total / count if count else math.nan
+
+
+def run(cfg: DictConfig) -> None:
+    lm = load_model(cfg.model, cfg.runtime.device)
+    direction, meta = chosen_direction()
+    loss_cfg = cfg.eval.loss
+    corpora = {
+        "general_text": (text_sequences(lm, load_texts(loss_cfg.text, loss_cfg.max_documents), loss_cfg.max_length), ()),
+        "harmless_completions": (
+            completion_sequences(lm, read_json(paths.completions("harmless_baseline")), loss_cfg.max_length),
+            lm.chat.prefix_ids,
+        ),
+    }
+    metrics: dict[str, dict[str, float]] = {}
+    for corpus, (sequences, prefix) in corpora.items():
+        if not sequences:
+            log.warning("%s: nothing to score (all responses empty?); skipping its CE loss", corpus)
+            metrics[corpus] = {"n_sequences": 0}
+            continue
+        values = {}
+        for kind in INTERVENTIONS:
+            with intervention(lm, kind, direction, meta["layer"]):
+                values[kind] = cross_entropy(lm, sequences, prefix, loss_cfg.batch_size, f"{corpus} {kind}")
+        metrics[corpus] = {
+            **{f"ce_{k}": round(v, 5) for k, v in values.items()},
+            **{f"delta_{k}": round(values[k] - values["baseline"], 5) for k in INTERVENTIONS[1:]},
+            "n_sequences": len(sequences),
+        }
+    write_json(paths.metrics("loss"), {"ce_loss": metrics})
+    log.info("CE loss: %s", metrics)
+
+
+def main() -> None:
+    run_stage("loss", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Stage ``select``: score every candidate direction on validation prompts and pick one, as the paper does.
+
+For a candidate ``r`` taken at (position, layer):
+
+* bypass score: mean refusal score of harmful prompts with ``r̂`` ablated at every layer (lower = refusal removed);
+* induce score: mean refusal score of harmless prompts with ``r`` added at its layer (higher = refusal induced);
+* KL: mean KL divergence of harmless next-token distributions, baseline vs ablated (lower = less collateral).
+
+Rules (``conf/select``): drop candidates from the last ``prune_layer_fraction`` of layers, with
+``kl > kl_threshold`` or ``induce < induce_threshold``; choose the lowest bypass score.
+
+Unless ``exhaustive`` is set, each score is computed only for candidates that still pass every rule
+checked before it (layer, then induce, then KL, then bypass). The rules do not depend on the bypass
+score, so this picks exactly the direction exhaustive scoring picks, with less work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pipeline import paths  # noqa: E402
+from pipeline.cli import run_stage  # noqa: E402
+from pipeline.errors import SelectionError  # noqa: E402
+from pipeline.hooks import activation_addition, directional_ablation  # noqa: E402
+from pipeline.io import atomic_path, load_tensors, read_json, save_tensors, write_json  # noqa: E402
+from pipeline.models.loading import LoadedModel, load_model  # noqa: E402
+from pipeline.refusal import kl_divergence, refusal_scores  # noqa: E402
+from pipeline.stages.common import instructions, read_split  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+METRICS = ("bypass_score", "induce_score", "kl")
+
+
+@dataclass(frozen=True)
+class Rules:
+    kl_threshold: float
+    induce_threshold: float
+    prune_layer_fraction: float
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Rules:
+        return cls(cfg.kl_threshold, cfg.induce_threshold, cfg.prune_layer_fraction)
+
+    def layer_allowed(self, layer: int, n_layers: int) -> bool:
+        return layer < int(n_layers * (1.0 - self.prune_layer_fraction))
+
+    def rejection(self, layer: int, n_layers: int, induce: float, kl: float, bypass: float) -> str | None:
+        """Why a candidate is filtered out (checked in the order scores are computed), or None."""
+        if not self.layer_allowed(layer, n_layers):
+            return "late_layer"
+        if not induce >= self.induce_threshold:  # also rejects NaN
+            return "induce_below_threshold"
+        if not kl <= self.kl_threshold:
+            return "kl_above_threshold"
+        if not math.isfinite(bypass):
+            return "bypass_not_finite"
+        return None
+
+
+@dataclass
+class Scores:
+    """Score grids ``[positions, n_layers + 1]`` (NaN where not computed) and baselines."""
+
+    bypass_score: torch.Tensor
+    induce_score: torch.Tensor
+    kl: torch.Tensor
+    baseline_harmful: float
+    baseline_harmless: float
+
+
+def score_candidates(
+    lm: LoadedModel,
+    candidates: torch.Tensor,
+    harmful: list[str],
+    harmless: list[str],
+    rules: Rules,
+    exhaustive: bool,
+    batch_size: int,
+) -> Scores:
+    runner = lm.runner(batch_size, progress=False)
+    prefix = lm.chat.prefix_ids
+    harmful_ids, harmless_ids = lm.encode(harmful), lm.encode(harmless)
+    base_harmful = runner.last_logits(harmful_ids, prefix)
+    base_harmless = runner.last_logits(harmless_ids, prefix)
+    n_pos, n_sites, _ = candidates.shape
+    grid = {m: torch.full((n_pos, n_sites), math.nan, dtype=torch.float64) for m in METRICS}
+    todo = [(p, l) for p in range(n_pos) for l in range(n_sites)
+            if exhaustive or rules.layer_allowed(l, lm.n_layers)]
+
+    for p, l in tqdm(todo, desc="induce: add r on harmless"):
+        with activation_addition(lm.model, lm.adapter, candidates[p, l], l):
+            logits = runner.last_logits(harmless_ids, prefix)
+        grid["induce_score"][p, l] = refusal_scores(logits, lm.refusal_ids).mean()
+    if not exhaustive:
+        todo = [(p, l) for p, l in todo if grid["induce_score"][p, l] >= rules.induce_threshold]
+
+    n_harmful = len(harmful_ids) if exhaustive else 0
+    for p, l in tqdm(todo, desc="KL: ablate r on harmless" + (" + bypass on harmful" if exhaustive else "")):
+        with directional_ablation(lm.model, lm.adapter, candidates[p, l]):
+            logits = runner.last_logits((harmful_ids if exhaustive else []) + harmless_ids, prefix)
+        grid["kl"][p, l] = kl_divergence(base_harmless, logits[n_harmful:]).mean()
+        if exhaustive:
+            grid["bypass_score"][p, l] = refusal_scores(logits[:n_harmful], lm.refusal_ids).mean()
+    if not exhaustive:
+        todo = [(p, l) for p, l in todo if grid["kl"][p, l] <= rules.kl_threshold]
+        for p, l in tqdm(todo, desc="bypass: ablate r on harmful"):
+            with directional_ablation(lm.model, lm.adapter, candidates[p, l]):
+                logits = runner.last_logits(harmful_ids, prefix)
+            grid["bypass_score"][p, l] = refusal_scores(logits, lm.refusal_ids).mean()
+
+    return Scores(grid["bypass_score"], grid["induce_score"], grid["kl"],
+                  float(refusal_scores(base_harmful, lm.refusal_ids).mean()),
+                  float(refusal_scores(base_harmless, lm.refusal_ids).mean()))
+
+
+def score_table(scores: Scores, rules: Rules, n_layers: int, labels: list[str]) -> pd.DataFrame:
+    """One row per candidate with its scores and the reason it was filtered out (empty if eligible)."""
+    n_pos, n_sites = scores.bypass_score.shape
+    rows = []
+    for p in range(n_pos):
+        for l in range(n_sites):
+            values = {m: float(getattr(scores, m)[p, l]) for m in METRICS}
+            reason = rules.rejection(l, n_layers, values["induce_score"], values["kl"], values["bypass_score"])
+            rows.append({"position": p - n_pos, "position_label": labels[p], "layer": l, **values,
+                         "status": reason or "eligible"})
+    return pd.DataFrame(rows)
+
+
+def choose(table: pd.DataFrame) -> pd.Series:
+    """The eligible candidate with the lowest bypass score (first in table order on ties)."""
+    eligible = table[table.status == "eligible"]
+    if eligible.empty:
+        counts = table.status.value_counts().to_dict()
+        raise SelectionError(
+            f"every candidate direction was filtered out ({counts})",
+            "relax select.kl_threshold / select.induce_threshold, or check that the model refuses the harmful "
+            "prompts (metrics/filter.json); the full score table is in artifacts/select/scores.csv",
+        )
+    return eligible.loc[eligible.bypass_score.idxmin()]
+
+
+def plot_heatmaps(table: pd.DataFrame, chosen: pd.Series | None, out_dir) -> None:
+    """Heatmaps of each score by layer (x) and post-instruction position (y); the choice is starred."""
+    titles = {"bypass_score": "Bypass: refusal score, harmful + ablation (lower removes refusal)",
+              "induce_score": "Induce: refusal score, harmless + addition (higher induces refusal)",
+              "kl": "KL(baseline || ablated) on harmless"}
+    for metric, title in titles.items():
+        grid = table.pivot(index="position", columns="layer", values=metric)
+        labels = table.drop_duplicates("position").set_index("position").position_label
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * grid.shape[1] + 2), 0.45 * grid.shape[0] + 1.6))
+        image = ax.imshow(grid.values, aspect="auto", cmap="RdBu_r" if metric != "kl" else "viridis")
+        ax.set_xticks(range(grid.shape[1]), grid.columns, fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), [f"{p} {labels[p]!r}" for p in grid.index], fontsize=7)
+        ax.set_xlabel("layer (residual stream entering the block)")
+        ax.set_ylabel("post-instruction position")
+        ax.set_title(title, fontsize=9)
+        if chosen is not None:
+            ax.plot(int(chosen.layer), list(grid.index).index(int(chosen.position)), marker="*", color="gold",
+                    markersize=14, markeredgecolor="black")
+        fig.colorbar(image, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        with atomic_path(out_dir / f"{metric}.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+
+
+def run(cfg: DictConfig) -> None:
+    lm = load_model(cfg.model, cfg.runtime.device)
+    candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"]
+    labels = read_json(paths.stage_dir("directions") / "candidates.json")["labels"]
+    rules = Rules.from_config(cfg.select)
+    scores = score_candidates(
+        lm, candidates,
+        instructions(read_split("filter", "harmful", "val")),
+        instructions(read_split("filter", "harmless", "val")),
+        rules, cfg.select.exhaustive, cfg.runtime.batch_size,
+    )
+    table = score_table(scores, rules, lm.n_layers, labels)
+    out = paths.stage_dir("select")
+    with atomic_path(out / "scores.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    try:
+        chosen = choose(table)
+    finally:  # the plots are written even when nothing is eligible, to show why
+        plot_heatmaps(table, None, paths.PLOTS / "select")
+    plot_heatmaps(table, chosen, paths.PLOTS / "select")
+    pos_index = int(chosen.position) + candidates.shape[0]
+    direction = candidates[pos_index, int(chosen.layer)].float()
+    meta = {
+        "model": cfg.model.name,
+        "position": int(chosen.position),
+        "position_label": chosen.position_label,
+        "layer": int(chosen.layer),
+        "n_layers": lm.n_layers,
+        "d_model": lm.d_model,
+        "norm": round(float(direction.norm()), 6),
+    }
+    save_tensors(out / "direction.safetensors", {"direction": direction},
+                 metadata={k: str(v) for k, v in meta.items()})
+    write_json(out / "direction.json", meta)
+    metrics = {
+        "position": int(chosen.position),
+        "layer": int(chosen.layer),
+        "layer_fraction": round(int(chosen.layer) / lm.n_layers, 4),
+        "bypass_score": round(float(chosen.bypass_score), 4),
+        "induce_score": round(float(chosen.induce_score), 4),
+        "kl": round(float(chosen.kl), 5),
+        "baseline_harmful_score": round(scores.baseline_harmful, 4),
+        "baseline_harmless_score": round(scores.baseline_harmless, 4),
+        "n_candidates": len(table),
+        "n_eligible": int((table.status == "eligible").sum()),
+    }
+    write_json(paths.metrics("select"), metrics)
+    log.info("selected position %s (%r), layer %d: %s", meta["position"], meta["position_label"], meta["layer"],
+             metrics)
+
+
+def main() -> None:
+    run_stage("select", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Batching, prefix caching and greedy generation give the same numbers as plain one-prompt passes."""
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from pipeline.hooks import directional_ablation
+
+
+def _single_last_logits(lm, ids):
+    with torch.no_grad():
+        return torch.stack([lm.model(input_ids=torch.tensor([i])).logits[0, -1] for i in ids])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "gemma2"])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_batched_last_logits_match_single_prompt_passes(tiny_lm, family, prefix_cache):
+    lm = tiny_lm(family)
+    ids = lm.encode(PROMPTS)
+    runner = lm.runner(batch_size=3, progress=False)
+    runner.use_prefix_cache = prefix_cache
+    torch.testing.assert_close(runner.last_logits(ids, lm.chat.prefix_ids), _single_last_logits(lm, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_cache_is_computed_under_the_active_hooks(tiny_lm):
+    lm = tiny_lm("qwen2")
+    ids = lm.encode(PROMPTS)
+    r = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    runner = lm.runner(batch_size=2, progress=False)
+    with directional_ablation(lm.model, lm.adapter, r):
+        cached = runner.last_logits(ids, lm.chat.prefix_ids)
+        plain = _single_last_logits(lm, ids)
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, _single_last_logits(lm, ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_greedy_generation_matches_transformers_generate(tiny_lm, family):
+    lm = tiny_lm(family)
+    ids = lm.encode(PROMPTS)
+    # make one row stop early: treat the token it generates second as an end-of-sequence token
+    with torch.no_grad():
+        first = lm.model.generate(torch.tensor([ids[0]]), max_new_tokens=3, do_sample=False,
+                                  eos_token_id=None, pad_token_id=lm.tokenizer.pad_token_id)[0, len(ids[0]):]
+    eos = sorted({*lm.eos_ids, int(first[1])})
+    runner = lm.runner(batch_size=3, progress=False)
+    got = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens=6, eos_ids=eos)
+    for prompt_ids, tokens in zip(ids, got):
+        with torch.no_grad():
+            ref = lm.model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id)[0, len(prompt_ids):]
+        ref = [t for t in ref.tolist() if t not in eos]
+        assert tokens == ref
+    assert len(got[0]) == 1  # stopped at its end-of-sequence token, which is not returned
+
+
+def test_response_nll_matches_manual_cross_entropy(tiny_lm):
+    lm = tiny_lm("qwen2")
+    pairs = lm.chat.encode_responses(PROMPTS[:3], ["Sure, here it is.", "Paris.", "Leaves fall softly."])
+    got = lm.runner(batch_size=2, progress=False).response_nll(pairs, lm.chat.prefix_ids)
+    for (seq, n_prompt), (nll, count) in zip(pairs, got):
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([seq])).logits[0]
+        want = torch.nn.functional.cross_entropy(logits[n_prompt - 1 : -1], torch.tensor(seq[n_prompt:]),
+                                                 reduction="sum")
+        assert count == len(seq) - n_prompt
+        assert nll == pytest.approx(float(want), rel=1e-4)
