@@ -20,6 +20,7 @@ from rich.logging import RichHandler
 from pipeline import paths
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
+from pipeline.inference import OOM_BACKOFFS
 from pipeline.io import write_json
 
 console = Console(stderr=True)
@@ -44,5 +45,5 @@ def run_stage(name: str, fn: Callable[[DictConfig], None]) -> None:
         console.print(f"[bold red]error in stage {name}:[/] {error}")
         sys.exit(2)
     seconds = time.perf_counter() - start
-    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2)})
+    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2), "oom_backoffs": OOM_BACKOFFS})
     logging.getLogger(name).info("stage %s finished in %.1f s", name, seconds)

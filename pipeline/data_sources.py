@@ -65,7 +65,7 @@ def read_records(path: Path, fmt: str | None = None, column: str = "instruction"
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (DatasetGenerationError, ValueError, json.JSONDecodeError) as error:
         raise DataError(f"{path} is not valid {fmt.upper()}: {error}",
-                        f"fix the file, or set the source's `format` (json, jsonl, csv, txt)") from error
+                        "fix the file, or set the source's `format` (json, jsonl, csv, txt)") from error
     return _to_records(table.to_list(), column, category_column, str(path))
 
 

@@ -8,7 +8,9 @@
 
 Hooks are registered with ``prepend=True`` so they run before transformers' own output recorders
 (``output_hidden_states`` then sees the edited stream). A direction may be ``[d_model]`` or
-``[batch, d_model]`` (a different direction per row).
+``[k, d_model]``: then the batch is read as ``k`` equal, consecutive blocks of rows and block ``i``
+gets direction ``i`` (how several candidates are scored in one pass, see
+``Runner.last_logits_stacked``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ from torch import nn
 from pipeline.models.adapters import ModelAdapter
 
 
+def per_row(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a ``[d]`` or ``[k, d]`` vector over ``x`` ``[batch, seq, d]`` (``k`` blocks of rows)."""
+    v = v.to(device=x.device, dtype=torch.float32)
+    if v.dim() == 1:
+        return v
+    if x.shape[0] % v.shape[0]:
+        raise ValueError(f"batch of {x.shape[0]} rows is not {v.shape[0]} equal blocks")
+    return v.repeat_interleave(x.shape[0] // v.shape[0], dim=0)[:, None, :]
+
+
 def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """``x - (x·û)û`` over the last dimension, computed in float32 and cast back."""
     x32 = x.float()
-    u = unit.to(device=x.device, dtype=torch.float32)
-    if u.dim() == 2:  # one direction per batch row
-        u = u[:, None, :]
+    u = per_row(unit, x)
     return (x32 - (x32 * u).sum(-1, keepdim=True) * u).to(x.dtype)
 
 
@@ -91,10 +101,7 @@ def activation_addition(
     delta = coeff * vector.float()
 
     def add(t: torch.Tensor) -> torch.Tensor:
-        d = delta.to(device=t.device)
-        if d.dim() == 2:
-            d = d[:, None, :]
-        return (t.float() + d).to(t.dtype)
+        return (t.float() + per_row(delta, t)).to(t.dtype)
 
     def pre_hook(module, args, kwargs):
         if args:

@@ -13,13 +13,18 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from pipeline.checkpoint import Checkpoint
+
 log = logging.getLogger(__name__)
+
+# Every out-of-memory back-off of this process ({"desc", "batch_size"}), recorded next to the stage's timing.
+OOM_BACKOFFS: list[dict] = []
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, overhead: int = 64) -> list[list[int]]:
@@ -67,14 +72,12 @@ class Runner:
     batch_size: int = 16
     use_prefix_cache: bool = True
     progress: bool = True
-    # Batch sizes that ran out of accelerator memory and were halved, for the run log.
-    oom_events: list[int] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def _prefix_cache(self, prefix: Sequence[int], longest: int):
+    def _prefix_cache(self, prefix: Sequence[int], longest: int, copies: int = 1):
         """KV cache of the shared prefix, or None where reusing it would change the result.
 
         Reuse puts each row's padding between the prefix and the rest of the prompt. Sliding-window
@@ -84,18 +87,21 @@ class Runner:
         window = getattr(self.model.config.get_text_config(), "sliding_window", None)
         if not (self.use_prefix_cache and prefix) or (window is not None and longest > window):
             return None
-        ids = torch.tensor([list(prefix)], device=self.device)
+        ids = torch.tensor([list(prefix)] * copies, device=self.device)
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
 
-    def _forward(self, bodies: Sequence[Sequence[int]], prefix_len: int, prefix_cache, use_cache=False, **kwargs):
-        ids, mask = left_pad(bodies, self.pad_id)
+    def _forward(self, bodies: Sequence[Sequence[int]], prefix_len: int, prefix_cache, use_cache=False,
+                 copies: int = 1, **kwargs):
+        """One forward pass over ``bodies`` after the cached prefix; with ``copies`` > 1 the rows are
+        ``copies`` stacked repeats of the batch (copy-major) and the prefix cache has one row per copy."""
+        ids, mask = left_pad(list(bodies) * copies, self.pad_id)
         batch = ids.shape[0]
         full_mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long), mask], dim=1)
         positions = (prefix_len + mask.cumsum(-1) - 1).clamp_min(0)
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(batch)
+            cache.batch_repeat_interleave(len(bodies))
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=full_mask.to(self.device),
@@ -107,13 +113,18 @@ class Runner:
         return out, full_mask, positions
 
     def _map_batches(
-        self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], fn: Callable, desc: str, extra: int = 0
+        self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], fn: Callable, desc: str, extra: int = 0,
+        copies: int = 1, store: Checkpoint | None = None,
     ) -> list:
         """Call ``fn(indices, bodies, prefix_len, cache)`` per batch; return results in prompt order.
 
-        ``extra`` is how many tokens a call appends to each prompt (generation).
+        ``extra`` is how many tokens a call appends to each prompt (generation); ``copies`` is how many
+        stacked copies of each batch ``fn`` runs (so the prefix cache gets one row per copy). With a
+        ``store``, each batch's (JSON-able) results are saved as it finishes and reused on a rerun.
         """
-        cache = self._prefix_cache(prefix, max(map(len, prompts)) + extra)
+        if not prompts:
+            return []
+        cache = self._prefix_cache(prefix, max(map(len, prompts)) + extra, copies)
         prefix_len = len(prefix) if cache is not None else 0
         for p in prompts:
             if list(p[: len(prefix)]) != list(prefix):
@@ -122,36 +133,59 @@ class Runner:
         results: list = [None] * len(prompts)
         pending = length_sorted_batches([len(b) for b in bodies], self.batch_size)
         bar = tqdm(total=len(prompts), desc=desc, disable=not self.progress, leave=False)
+        restored = 0
         while pending:
             indices = pending.pop(0)
+            key = ",".join(map(str, indices))
+            saved = store.get(key) if store is not None else None
             try:
-                outputs = fn(indices, [bodies[i] for i in indices], prefix_len, cache)
+                outputs = saved if saved is not None else fn(indices, [bodies[i] for i in indices], prefix_len, cache)
             except torch.OutOfMemoryError:
                 if len(indices) == 1:
                     raise
                 half = len(indices) // 2
-                self.oom_events.append(len(indices))
+                OOM_BACKOFFS.append({"desc": desc, "batch_size": len(indices)})
                 self.batch_size = max(1, half)
                 log.warning("out of memory at batch size %d; retrying with %d", len(indices), half)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 pending[:0] = [indices[:half], indices[half:]]
                 continue
+            if store is not None and saved is None:
+                store.put(key, outputs)
+            restored += saved is not None
             for i, value in zip(indices, outputs):
                 results[i] = value
             bar.update(len(indices))
         bar.close()
+        if restored:
+            log.info("%s: %d batches restored from checkpoint", desc, restored)
         return results
 
     @torch.inference_mode()
     def last_logits(self, prompts: Sequence[Sequence[int]], prefix: Sequence[int] = (), desc: str = "forward"):
         """Next-token logits at the last position of each prompt, float32 ``[n_prompts, vocab]``."""
+        return self.last_logits_stacked(prompts, prefix, copies=1, desc=desc)[0]
+
+    @torch.inference_mode()
+    def last_logits_stacked(
+        self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], copies: int, desc: str = "forward"
+    ) -> torch.Tensor:
+        """Last-position logits of ``copies`` stacked copies of every prompt, ``[copies, n_prompts, vocab]``.
+
+        Rows are copy-major, so hooks given one direction per copy (``[copies, d_model]``, see
+        pipeline.hooks) score several candidate directions in one forward pass: bigger matrix
+        multiplies and one pass overhead for all of them.
+        """
 
         def fn(indices, bodies, prefix_len, cache):
-            out, _, _ = self._forward(bodies, prefix_len, cache, logits_to_keep=1)
-            return out.logits[:, -1].float().cpu()
+            out, _, _ = self._forward(bodies, prefix_len, cache, copies=copies, logits_to_keep=1)
+            return out.logits[:, -1].float().cpu().view(copies, len(bodies), -1).transpose(0, 1)
 
-        return torch.stack(self._map_batches(prompts, prefix, fn, desc))
+        rows = self._map_batches(prompts, prefix, fn, desc, copies=copies)
+        if not rows:
+            return torch.empty(copies, 0, 0)
+        return torch.stack(rows, dim=1)
 
     @torch.inference_mode()
     def generate(
@@ -161,8 +195,12 @@ class Runner:
         max_new_tokens: int,
         eos_ids: Sequence[int],
         desc: str = "generate",
+        store: Checkpoint | None = None,
     ) -> list[list[int]]:
-        """Greedy continuation of each prompt; rows that emit an EOS token leave the batch."""
+        """Greedy continuation of each prompt; rows that emit an EOS token leave the batch.
+
+        With a ``store`` (a Checkpoint), finished batches survive an interrupted run.
+        """
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
         def fn(indices, bodies, prefix_len, cache):
@@ -195,7 +233,7 @@ class Runner:
                 token = out.logits[:, -1].argmax(-1)
             return [[t for t in g if t not in set(eos_ids)] for g in generated]
 
-        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens)
+        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store)
 
     @torch.inference_mode()
     def response_nll(

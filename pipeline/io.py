@@ -52,10 +52,15 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save tensors with safetensors (no pickle), atomically."""
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Save tensors with safetensors (no code runs on load), atomically.
+
+    ``metadata`` goes into the header as one sorted JSON string under ``"json"``: safetensors writes
+    separate keys in hash order, which would make identical runs produce different bytes.
+    """
+    header = {"json": json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-
 from conftest import PROMPTS
+
 from pipeline.errors import SelectionError
 from pipeline.stages.select import Rules, choose, score_candidates, score_table
 
@@ -86,3 +86,14 @@ def test_pruned_scoring_picks_the_same_direction_as_exhaustive(tiny_lm):
         assert done.any()
         torch.testing.assert_close(torch.tensor(pruned[metric][done].values),
                                    torch.tensor(exhaustive[metric][done].values), rtol=1e-5, atol=1e-6)
+
+
+def test_stacking_candidates_in_one_pass_gives_the_same_scores(tiny_lm):
+    lm = tiny_lm("llama3")
+    torch.manual_seed(1)
+    candidates = torch.randn(lm.chat.n_post_instruction, lm.n_layers + 1, lm.d_model)
+    one = score_candidates(lm, candidates, PROMPTS[:3], PROMPTS[3:], PAPER, exhaustive=True, batch_size=2)
+    stacked = score_candidates(lm, candidates, PROMPTS[:3], PROMPTS[3:], PAPER, exhaustive=True, batch_size=2,
+                               per_pass=3)
+    for metric in ("bypass_score", "induce_score", "kl"):
+        torch.testing.assert_close(getattr(stacked, metric), getattr(one, metric), rtol=1e-5, atol=1e-6)

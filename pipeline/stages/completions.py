@@ -12,6 +12,7 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.interventions import intervention
 from pipeline.io import write_json
@@ -30,24 +31,31 @@ CONDITIONS = {
 }
 
 
-def complete(lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+def complete(lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str,
+             store: Checkpoint | None = None) -> list[str]:
+    """Greedy completions, decoded and stripped; ``store`` makes finished batches survive a kill."""
     runner = lm.runner(batch_size)
-    tokens = runner.generate(lm.encode(texts), lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc)
+    tokens = runner.generate(lm.encode(texts), lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc,
+                             store=store)
     return [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
 def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction()
+    direction, meta = chosen_direction(lm)
+    inputs = [paths.split_file("data", side, "test") for side in ("harmful", "harmless")]
+    checkpoint = Checkpoint.open("completions", cfg, [*inputs, paths.stage_dir("select") / "direction.safetensors"])
     for condition, (side, kind) in CONDITIONS.items():
         records = read_split("data", side, "test")
         with intervention(lm, kind, direction, meta["layer"]):
-            responses = complete(lm, instructions(records), cfg.eval.max_new_tokens, cfg.eval.batch_size, condition)
+            responses = complete(lm, instructions(records), cfg.eval.max_new_tokens, cfg.eval.batch_size, condition,
+                                 checkpoint.scope(condition))
         write_json(paths.completions(condition), [
             {"instruction": r["instruction"], "category": r["category"], "response": text}
             for r, text in zip(records, responses)
         ])
         log.info("%s: %d completions", condition, len(responses))
+    checkpoint.clear()
 
 
 def main() -> None:

@@ -46,10 +46,11 @@ def cross_entropy(lm: LoadedModel, sequences, prefix, batch_size: int, desc: str
 
 def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction()
+    direction, meta = chosen_direction(lm)
     loss_cfg = cfg.eval.loss
+    docs = load_texts(loss_cfg.text, loss_cfg.max_documents)
     corpora = {
-        "general_text": (text_sequences(lm, load_texts(loss_cfg.text, loss_cfg.max_documents), loss_cfg.max_length), ()),
+        "general_text": (text_sequences(lm, docs, loss_cfg.max_length), ()),
         "harmless_completions": (
             completion_sequences(lm, read_json(paths.completions("harmless_baseline")), loss_cfg.max_length),
             lm.chat.prefix_ids,

@@ -66,7 +66,7 @@ def orthogonalize_weights(model: nn.Module, adapter: ModelAdapter, direction: to
 
 def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction()
+    direction, meta = chosen_direction(lm)
     blocker = lm.adapter.orthogonalization_blocker()
     out = paths.stage_dir("orthogonalized_model")
     if blocker:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline import paths  # noqa: E402
+from pipeline.checkpoint import Checkpoint  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.errors import SelectionError  # noqa: E402
 from pipeline.hooks import activation_addition, directional_ablation  # noqa: E402
@@ -80,6 +81,10 @@ class Scores:
     baseline_harmless: float
 
 
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def score_candidates(
     lm: LoadedModel,
     candidates: torch.Tensor,
@@ -88,7 +93,14 @@ def score_candidates(
     rules: Rules,
     exhaustive: bool,
     batch_size: int,
+    per_pass: int = 1,
+    store: Checkpoint | None = None,
 ) -> Scores:
+    """Score candidates, ``per_pass`` of them stacked into each forward pass (see module docstring).
+
+    With a ``store``, every score is saved as soon as it is known, and scores already in it are not
+    recomputed, so an interrupted selection resumes where it stopped.
+    """
     runner = lm.runner(batch_size, progress=False)
     prefix = lm.chat.prefix_ids
     harmful_ids, harmless_ids = lm.encode(harmful), lm.encode(harmless)
@@ -96,29 +108,55 @@ def score_candidates(
     base_harmless = runner.last_logits(harmless_ids, prefix)
     n_pos, n_sites, _ = candidates.shape
     grid = {m: torch.full((n_pos, n_sites), math.nan, dtype=torch.float64) for m in METRICS}
-    todo = [(p, l) for p in range(n_pos) for l in range(n_sites)
+    todo = [(p, l) for l in range(n_sites) for p in range(n_pos)
             if exhaustive or rules.layer_allowed(l, lm.n_layers)]
 
-    for p, l in tqdm(todo, desc="induce: add r on harmless"):
-        with activation_addition(lm.model, lm.adapter, candidates[p, l], l):
-            logits = runner.last_logits(harmless_ids, prefix)
-        grid["induce_score"][p, l] = refusal_scores(logits, lm.refusal_ids).mean()
-    if not exhaustive:
-        todo = [(p, l) for p, l in todo if grid["induce_score"][p, l] >= rules.induce_threshold]
+    def evaluate(groups, metrics, intervention, prompts, score, desc):
+        """For each group of candidates: one stacked pass, then ``score(block) -> {metric: value}``."""
+        for group in tqdm(groups, desc=desc):
+            saved = [[store.get(f"{m}/{p}/{l}") for m in metrics] for p, l in group] if store else None
+            if saved is not None and all(v is not None for row in saved for v in row):
+                results = [dict(zip(metrics, row)) for row in saved]
+            else:
+                directions = torch.stack([candidates[c] for c in group])
+                with intervention(directions, group[0][1]):
+                    logits = runner.last_logits_stacked(prompts, prefix, copies=len(group))
+                results = [score(block) for block in logits]
+                for (p, l), values in zip(group, results):
+                    for metric, value in values.items():
+                        if store is not None:
+                            store.put(f"{metric}/{p}/{l}", value)
+            for (p, l), values in zip(group, results):
+                for metric, value in values.items():
+                    grid[metric][p, l] = value
 
-    n_harmful = len(harmful_ids) if exhaustive else 0
-    for p, l in tqdm(todo, desc="KL: ablate r on harmless" + (" + bypass on harmful" if exhaustive else "")):
-        with directional_ablation(lm.model, lm.adapter, candidates[p, l]):
-            logits = runner.last_logits((harmful_ids if exhaustive else []) + harmless_ids, prefix)
-        grid["kl"][p, l] = kl_divergence(base_harmless, logits[n_harmful:]).mean()
-        if exhaustive:
-            grid["bypass_score"][p, l] = refusal_scores(logits[:n_harmful], lm.refusal_ids).mean()
-    if not exhaustive:
-        todo = [(p, l) for p, l in todo if grid["kl"][p, l] <= rules.kl_threshold]
-        for p, l in tqdm(todo, desc="bypass: ablate r on harmful"):
-            with directional_ablation(lm.model, lm.adapter, candidates[p, l]):
-                logits = runner.last_logits(harmful_ids, prefix)
-            grid["bypass_score"][p, l] = refusal_scores(logits, lm.refusal_ids).mean()
+    def refusal(block) -> float:
+        return float(refusal_scores(block, lm.refusal_ids).mean())
+
+    def kl(block) -> float:
+        return float(kl_divergence(base_harmless, block).mean())
+
+    def add(directions, layer):
+        return activation_addition(lm.model, lm.adapter, directions, layer)
+
+    def ablate(directions, layer):
+        return directional_ablation(lm.model, lm.adapter, directions)
+
+    # activation addition happens at the candidate's own layer, so a pass stacks candidates of one layer
+    by_layer = [[c for c in todo if c[1] == l] for l in range(n_sites)]
+    evaluate([g for same in by_layer for g in _chunks(same, per_pass)], ["induce_score"], add, harmless_ids,
+             lambda b: {"induce_score": refusal(b)}, "induce: add r on harmless")
+    if exhaustive:
+        n = len(harmful_ids)
+        evaluate(_chunks(todo, per_pass), ["kl", "bypass_score"], ablate, harmful_ids + harmless_ids,
+                 lambda b: {"kl": kl(b[n:]), "bypass_score": refusal(b[:n])}, "ablate r: bypass + KL")
+    else:
+        todo = [c for c in todo if grid["induce_score"][c] >= rules.induce_threshold]
+        evaluate(_chunks(todo, per_pass), ["kl"], ablate, harmless_ids, lambda b: {"kl": kl(b)},
+                 "KL: ablate r on harmless")
+        todo = [c for c in todo if grid["kl"][c] <= rules.kl_threshold]
+        evaluate(_chunks(todo, per_pass), ["bypass_score"], ablate, harmful_ids,
+                 lambda b: {"bypass_score": refusal(b)}, "bypass: ablate r on harmful")
 
     return Scores(grid["bypass_score"], grid["induce_score"], grid["kl"],
                   float(refusal_scores(base_harmful, lm.refusal_ids).mean()),
@@ -181,11 +219,13 @@ def run(cfg: DictConfig) -> None:
     candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"]
     labels = read_json(paths.stage_dir("directions") / "candidates.json")["labels"]
     rules = Rules.from_config(cfg.select)
+    val = [paths.split_file("filter", side, "val") for side in ("harmful", "harmless")]
+    checkpoint = Checkpoint.open("select", cfg, [*val, paths.stage_dir("directions") / "candidates.safetensors"])
     scores = score_candidates(
         lm, candidates,
         instructions(read_split("filter", "harmful", "val")),
         instructions(read_split("filter", "harmless", "val")),
-        rules, cfg.select.exhaustive, cfg.runtime.batch_size,
+        rules, cfg.select.exhaustive, cfg.runtime.batch_size, cfg.select.candidates_per_pass, checkpoint,
     )
     table = score_table(scores, rules, lm.n_layers, labels)
     out = paths.stage_dir("select")
@@ -207,8 +247,7 @@ def run(cfg: DictConfig) -> None:
         "d_model": lm.d_model,
         "norm": round(float(direction.norm()), 6),
     }
-    save_tensors(out / "direction.safetensors", {"direction": direction},
-                 metadata={k: str(v) for k, v in meta.items()})
+    save_tensors(out / "direction.safetensors", {"direction": direction}, metadata=meta)
     write_json(out / "direction.json", meta)
     metrics = {
         "position": int(chosen.position),
@@ -223,6 +262,7 @@ def run(cfg: DictConfig) -> None:
         "n_eligible": int((table.status == "eligible").sum()),
     }
     write_json(paths.metrics("select"), metrics)
+    checkpoint.clear()
     log.info("selected position %s (%r), layer %d: %s", meta["position"], meta["position_label"], meta["layer"],
              metrics)
 
