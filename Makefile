@@ -28,3 +28,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check pipeline tests
+
+# Speed figures side by side (selection vs the paper's procedure, MFU, generation, memory); ~1 h on 2 CPU cores.
+benchmark: install
+	$(BIN)/python -m pipeline.benchmark

@@ -229,3 +229,22 @@ def test_killed_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
     for path in sorted((reference / "artifacts" / "completions").glob("*.json")):
         assert (project / "artifacts" / "completions" / path.name).read_bytes() == path.read_bytes(), path.name
     assert not checkpoints.exists() or not list(checkpoints.glob("*/*.json"))
+
+
+def test_activation_means_survive_an_out_of_memory_retry_half_way_through_a_pass(tiny_lm):
+    from pipeline.stages.activations import mean_activations
+
+    lm = tiny_lm("qwen2")
+    expected = mean_activations(lm, PROMPTS, batch_size=1)
+
+    def fail_big_batches(module, args):
+        if args[0].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    # runs out of memory at block 2, after blocks 0-1 have already been recorded for the batch
+    handle = lm.adapter.blocks(lm.model)[2].register_forward_pre_hook(fail_big_batches)
+    try:
+        got = mean_activations(lm, PROMPTS, batch_size=4)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,11 @@ def test_rejection_rules(layer, induce, kl, bypass, reason):
     assert PAPER.rejection(layer, 28, induce, kl, bypass) == reason
 
 
+def test_zero_direction_is_never_chosen():
+    # layer 0: every prompt has the same post-instruction embeddings, so the difference in means is 0
+    assert PAPER.rejection(0, 28, 0.5, 0.0, -9.0, norm=0.0) == "zero_direction"
+
+
 def _table(rows):
     return pd.DataFrame(rows, columns=["position", "position_label", "layer", "bypass_score", "induce_score", "kl",
                                        "status"])
@@ -73,9 +78,10 @@ def test_pruned_scoring_picks_the_same_direction_as_exhaustive(tiny_lm):
     # thresholds chosen so that every filter removes something on this random model
     rules = Rules(kl_threshold=midway(full.kl), induce_threshold=midway(full.induce_score), prune_layer_fraction=0.2)
     labels = lm.chat.post_instruction_labels()
-    exhaustive = score_table(full, rules, lm.n_layers, labels)
+    norms = candidates.norm(dim=-1)
+    exhaustive = score_table(full, rules, lm.n_layers, labels, norms)
     pruned = score_table(score_candidates(lm, candidates, PROMPTS[:3], PROMPTS[3:], rules, exhaustive=False,
-                                          batch_size=4), rules, lm.n_layers, labels)
+                                          batch_size=4), rules, lm.n_layers, labels, norms)
     assert set(exhaustive.status) >= {"late_layer", "induce_below_threshold", "kl_above_threshold", "eligible"}
     assert (exhaustive.status == pruned.status).all()
     a, b = choose(exhaustive), choose(pruned)

@@ -27,9 +27,16 @@ def mean_activations(lm: LoadedModel, texts: list[str], batch_size: int, desc: s
     """Mean residual stream ``[positions, n_layers + 1, d_model]`` at the post-instruction tokens."""
     n_pos = lm.chat.n_post_instruction
     sums = torch.zeros(n_pos, lm.n_layers + 1, lm.d_model, dtype=torch.float64)
+    batch = torch.zeros_like(sums)
 
     def record(layer: int, resid: torch.Tensor) -> None:
-        sums[:, layer] += resid[:, -n_pos:, :].double().sum(dim=0).cpu()
+        # a batch only counts once its forward pass reaches the last site, so a batch retried after
+        # running out of memory half-way is not counted twice
+        if layer == 0:
+            batch.zero_()
+        batch[:, layer] = resid[:, -n_pos:, :].double().sum(dim=0).cpu()
+        if layer == lm.n_layers:
+            sums.add_(batch)
 
     runner = lm.runner(batch_size)
     runner.use_prefix_cache = False  # the recorder must only see the prompts' own forward passes

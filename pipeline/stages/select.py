@@ -57,10 +57,13 @@ class Rules:
     def layer_allowed(self, layer: int, n_layers: int) -> bool:
         return layer < int(n_layers * (1.0 - self.prune_layer_fraction))
 
-    def rejection(self, layer: int, n_layers: int, induce: float, kl: float, bypass: float) -> str | None:
+    def rejection(self, layer: int, n_layers: int, induce: float, kl: float, bypass: float,
+                  norm: float = 1.0) -> str | None:
         """Why a candidate is filtered out (checked in the order scores are computed), or None."""
         if not self.layer_allowed(layer, n_layers):
             return "late_layer"
+        if not norm > 0:  # e.g. layer 0, where every prompt has the same post-instruction embeddings
+            return "zero_direction"
         if not induce >= self.induce_threshold:  # also rejects NaN
             return "induce_below_threshold"
         if not kl <= self.kl_threshold:
@@ -109,7 +112,7 @@ def score_candidates(
     n_pos, n_sites, _ = candidates.shape
     grid = {m: torch.full((n_pos, n_sites), math.nan, dtype=torch.float64) for m in METRICS}
     todo = [(p, l) for l in range(n_sites) for p in range(n_pos)
-            if exhaustive or rules.layer_allowed(l, lm.n_layers)]
+            if exhaustive or (rules.layer_allowed(l, lm.n_layers) and candidates[p, l].norm() > 0)]
 
     def evaluate(groups, metrics, intervention, prompts, score, desc):
         """For each group of candidates: one stacked pass, then ``score(block) -> {metric: value}``."""
@@ -163,14 +166,18 @@ def score_candidates(
                   float(refusal_scores(base_harmless, lm.refusal_ids).mean()))
 
 
-def score_table(scores: Scores, rules: Rules, n_layers: int, labels: list[str]) -> pd.DataFrame:
-    """One row per candidate with its scores and the reason it was filtered out (empty if eligible)."""
+def score_table(scores: Scores, rules: Rules, n_layers: int, labels: list[str], norms: torch.Tensor) -> pd.DataFrame:
+    """One row per candidate with its scores and the reason it was filtered out (``eligible`` if none).
+
+    ``norms`` ``[positions, n_layers + 1]`` are the candidates' norms (zero-norm candidates are rejected).
+    """
     n_pos, n_sites = scores.bypass_score.shape
     rows = []
     for p in range(n_pos):
         for l in range(n_sites):
             values = {m: float(getattr(scores, m)[p, l]) for m in METRICS}
-            reason = rules.rejection(l, n_layers, values["induce_score"], values["kl"], values["bypass_score"])
+            reason = rules.rejection(l, n_layers, values["induce_score"], values["kl"], values["bypass_score"],
+                                     float(norms[p, l]))
             rows.append({"position": p - n_pos, "position_label": labels[p], "layer": l, **values,
                          "status": reason or "eligible"})
     return pd.DataFrame(rows)
@@ -227,7 +234,7 @@ def run(cfg: DictConfig) -> None:
         instructions(read_split("filter", "harmless", "val")),
         rules, cfg.select.exhaustive, cfg.runtime.batch_size, cfg.select.candidates_per_pass, checkpoint,
     )
-    table = score_table(scores, rules, lm.n_layers, labels)
+    table = score_table(scores, rules, lm.n_layers, labels, candidates.norm(dim=-1))
     out = paths.stage_dir("select")
     with atomic_path(out / "scores.csv") as tmp:
         table.to_csv(tmp, index=False)

@@ -1,0 +1,275 @@
+"""Performance benchmark: the project's selection and generation against plain references, side by side.
+
+``python -m pipeline.benchmark`` (or ``make benchmark``) prints one ``name: value`` line per figure:
+
+1. selection: a plain reference of the paper's procedure (one full forward pass per candidate per
+   condition, full logits, fixed padded batches, every candidate scored) against the project's
+   (shared-prefix KV cache, last-position logits only, length-bucketed batches, stacked candidates,
+   filter-order pruning); same chosen (position, layer), score agreement, speed ratio;
+2. the machine's bfloat16 matmul rate and the model FLOP utilisation of the project's forward passes;
+3. batched greedy generation against a one-prompt-at-a-time loop (tokens/s);
+4. peak memory of the activations stage for two train-set sizes;
+5. wall time per stage of the last default ``dvc repro`` (from artifacts/timing).
+
+Prompts: the paper's splits (n_train 128, n_val 32, seed 42) when a mirror is found (``--paper-dir``,
+default ``../shared/datasets/refusal_direction``), else the offline default data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import paths
+from pipeline.config import compose_config
+from pipeline.data_sources import load_source
+from pipeline.hooks import activation_addition, directional_ablation
+from pipeline.inference import left_pad
+from pipeline.models.loading import LoadedModel, load_model
+from pipeline.refusal import kl_divergence, refusal_scores
+from pipeline.stages import STAGES
+from pipeline.stages.activations import mean_activations
+from pipeline.stages.data import split_pool
+from pipeline.stages.select import Rules, choose, score_candidates, score_table
+
+
+def emit(name: str, value) -> None:
+    print(f"{name}: {value}", flush=True)
+
+
+def load_prompts(paper_dir: Path | None, n_train: int, n_val: int) -> dict[str, list[str]]:
+    """Train/val instructions per side, the paper's way (``random.seed(42)``; sample) when its sets exist."""
+    if paper_dir is not None and (paper_dir / "splits").is_dir():
+        emit("prompts", f"paper splits from {paper_dir}")
+        random.seed(42)
+        out = {}
+        for split, n in (("train", n_train), ("val", n_val)):  # the paper's sampling order
+            for side in ("harmful", "harmless"):
+                rows = json.loads((paper_dir / "splits" / f"{side}_{split}.json").read_text())
+                out[f"{side}_{split}"] = random.sample([r["instruction"] for r in rows], n)
+        return out
+    emit("prompts", "offline default data (no paper mirror found)")
+    cfg = compose_config()
+    out = {}
+    for side in ("harmful", "harmless"):
+        records = load_source(cfg.data[side].pool, cfg.data)
+        splits = split_pool(records, cfg.data[side].sizes, cfg.data.seed, side)
+        for split in ("train", "val"):
+            out[f"{side}_{split}"] = [r["instruction"] for r in splits[split]]
+    return out
+
+
+def filter_by_refusal(lm: LoadedModel, prompts: dict[str, list[str]], batch_size: int) -> dict[str, list[str]]:
+    """The paper's filter, applied once to the inputs both implementations share."""
+    runner = lm.runner(batch_size, progress=False)
+    out = {}
+    for key, texts in prompts.items():
+        scores = refusal_scores(runner.last_logits(lm.encode(texts), lm.chat.prefix_ids), lm.refusal_ids)
+        keep = scores > 0 if key.startswith("harmful") else scores < 0
+        out[key] = [t for t, k in zip(texts, keep) if k]
+        emit(f"filtered_{key}", f"{len(out[key])}/{len(texts)}")
+        if not out[key]:
+            sys.exit(f"error: no {key} prompt survives the refusal filter for {lm.name}; pass --no-filter")
+    return out
+
+
+@torch.inference_mode()
+def reference_last_logits(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """The paper's forward: fixed batches, left padding, full logits for every position, last one kept."""
+    ids = lm.encode(texts)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
+    out = []
+    for i in range(0, len(ids), batch_size):
+        input_ids, mask = left_pad(ids[i : i + batch_size], pad)
+        out.append(lm.model(input_ids=input_ids, attention_mask=mask).logits[:, -1].float())
+    return torch.cat(out)
+
+
+def reference_selection(lm: LoadedModel, candidates: torch.Tensor, harmful: list[str], harmless: list[str],
+                        rules: Rules) -> tuple[dict, tuple[int, int]]:
+    """Every candidate (the paper's n_pos x n_layers), three full forward passes each, then the filters."""
+    n_pos = candidates.shape[0]
+    base_harmless = reference_last_logits(lm, harmless)
+    scores = {}
+    for p in range(n_pos):
+        for l in range(lm.n_layers):
+            r = candidates[p, l]
+            with directional_ablation(lm.model, lm.adapter, r):
+                kl = float(kl_divergence(base_harmless, reference_last_logits(lm, harmless)).mean())
+                bypass = float(refusal_scores(reference_last_logits(lm, harmful), lm.refusal_ids).mean())
+            with activation_addition(lm.model, lm.adapter, r, l):
+                induce = float(refusal_scores(reference_last_logits(lm, harmless), lm.refusal_ids).mean())
+            scores[(p, l)] = {"bypass_score": bypass, "induce_score": induce, "kl": kl}
+    eligible = [(s["bypass_score"], p, l) for (p, l), s in scores.items()
+                if rules.rejection(l, lm.n_layers, s["induce_score"], s["kl"], s["bypass_score"],
+                                   float(candidates[p, l].norm())) is None]
+    _, p, l = min(eligible)
+    return scores, (p, l)
+
+
+def bench_selection(lm: LoadedModel, prompts: dict[str, list[str]], cfg, skip_reference: bool) -> None:
+    harmful_train, harmless_train = prompts["harmful_train"], prompts["harmless_train"]
+    candidates = (mean_activations(lm, harmful_train, cfg.runtime.batch_size, "harmful train")
+                  - mean_activations(lm, harmless_train, cfg.runtime.batch_size, "harmless train")).float()
+    rules = Rules.from_config(cfg.select)
+    harmful, harmless = prompts["harmful_val"], prompts["harmless_val"]
+
+    start = time.perf_counter()
+    ours = score_candidates(lm, candidates, harmful, harmless, rules, exhaustive=False,
+                            batch_size=cfg.runtime.batch_size, per_pass=cfg.select.candidates_per_pass)
+    ours_seconds = time.perf_counter() - start
+    table = score_table(ours, rules, lm.n_layers, lm.chat.post_instruction_labels(), candidates.norm(dim=-1))
+    chosen = choose(table)
+    ours_choice = (int(chosen.position) + candidates.shape[0], int(chosen.layer))
+    emit("selection_project_seconds", f"{ours_seconds:.1f}")
+    emit("selection_project_choice", f"position {int(chosen.position)}, layer {int(chosen.layer)}")
+    emit("selection_project_candidates_scored", int(table.induce_score.notna().sum()))
+    if skip_reference:
+        return
+
+    start = time.perf_counter()
+    ref_scores, ref_choice = reference_selection(lm, candidates, harmful, harmless, rules)
+    ref_seconds = time.perf_counter() - start
+    emit("selection_reference_seconds", f"{ref_seconds:.1f}")
+    emit("selection_reference_choice",
+         f"position {ref_choice[0] - candidates.shape[0]}, layer {ref_choice[1]}")
+    emit("selection_same_choice", ref_choice == ours_choice)
+    for metric in ("bypass_score", "induce_score", "kl"):
+        grid = getattr(ours, metric)
+        diffs = [abs(float(grid[p, l]) - s[metric]) for (p, l), s in ref_scores.items() if not grid[p, l].isnan()]
+        emit(f"selection_max_abs_diff_{metric}", f"{max(diffs):.4g} over {len(diffs)} candidates")
+    emit("selection_speedup", f"{ref_seconds / ours_seconds:.2f}x")
+
+
+def matmul_rate(seconds: float = 2.0) -> float:
+    """Best bf16 matmul rate (TFLOP/s) over a few shapes typical of a transformer block."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (4096, 1536, 8960), (1024, 4096, 4096)):
+        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        a @ b
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def forward_flops(lm: LoadedModel, tokens: int, attended: int) -> float:
+    """Matmul FLOPs of a forward pass: weights (embedding lookup excluded) plus attention scores."""
+    weights = sum(p.numel() for name, p in lm.model.named_parameters()
+                  if p.dim() == 2 and p is not lm.adapter.embedding(lm.model).weight and "lm_head" not in name)
+    cfg = lm.model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 4 * lm.n_layers * cfg.num_attention_heads * head_dim * attended
+    return 2 * weights * tokens + attention
+
+
+def bench_utilisation(lm: LoadedModel, texts: list[str], cfg) -> None:
+    peak = matmul_rate()
+    emit("matmul_bf16_tflops", f"{peak:.3f}")
+    ids = lm.encode(texts)
+    runner = lm.runner(cfg.runtime.batch_size, progress=False)
+    prefix = lm.chat.prefix_ids
+    copies = cfg.select.candidates_per_pass
+    runner.last_logits_stacked(ids, prefix, copies=copies)  # warm-up
+    start = time.perf_counter()
+    runner.last_logits_stacked(ids, prefix, copies=copies)
+    seconds = time.perf_counter() - start
+    bodies = [len(i) - len(prefix) for i in ids]
+    tokens = copies * (sum(bodies) + len(prefix))
+    attended = copies * sum(b * (len(prefix) + b) for b in bodies)
+    unembed = 2 * copies * len(ids) * lm.adapter.embedding(lm.model).weight.numel()
+    achieved = (forward_flops(lm, tokens, attended) + unembed) / seconds / 1e12
+    emit("forward_project_tflops", f"{achieved:.3f}")
+    emit("forward_mfu", f"{achieved / peak:.1%}")
+
+
+@torch.inference_mode()
+def bench_generation(lm: LoadedModel, texts: list[str], max_new_tokens: int, cfg, n_single: int) -> None:
+    ids = lm.encode(texts)
+    runner = lm.runner(cfg.eval.batch_size, progress=False)
+    start = time.perf_counter()
+    outputs = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids)
+    batched_seconds = time.perf_counter() - start
+    batched_rate = sum(map(len, outputs)) / batched_seconds
+    emit("generation_batched_tokens_per_s", f"{batched_rate:.1f} ({len(ids)} prompts, {batched_seconds:.1f}s)")
+    start, produced = time.perf_counter(), 0
+    for prompt in ids[:n_single]:
+        out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=lm.eos_ids, pad_token_id=lm.eos_ids[0])
+        produced += sum(t not in lm.eos_ids for t in out[0, len(prompt):].tolist())
+    single_rate = produced / (time.perf_counter() - start)
+    emit("generation_single_tokens_per_s", f"{single_rate:.1f} ({n_single} prompts, one at a time)")
+    emit("generation_speedup", f"{batched_rate / single_rate:.2f}x")
+
+
+def bench_activation_memory(n_prompts: list[int], paper_dir: Path | None) -> None:
+    """Peak RSS of the activations computation in a fresh process, beyond the loaded model."""
+    for n in n_prompts:
+        result = subprocess.run([sys.executable, "-m", "pipeline.benchmark", "--_activation-memory", str(n),
+                                 *(["--paper-dir", str(paper_dir)] if paper_dir else [])],
+                                capture_output=True, text=True, check=True)
+        emit(f"activations_peak_mb_{n}_prompts", result.stdout.strip().splitlines()[-1])
+
+
+def _activation_memory_child(n: int, paper_dir: Path | None) -> None:
+    cfg = compose_config()
+    lm = load_model(cfg.model, cfg.runtime.device)
+    prompts = load_prompts(paper_dir, n_train=n, n_val=1)["harmful_train"][:n]
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mean_activations(lm, prompts, cfg.runtime.batch_size, "activations")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{peak - after_load:.0f} above the loaded model ({peak:.0f} total, {len(prompts)} prompts)")
+
+
+def stage_times() -> None:
+    seconds = {s: json.loads(paths.timing(s).read_text())["wall_seconds"] for s in STAGES if paths.timing(s).exists()}
+    if not seconds:
+        emit("stage_seconds", "none recorded: run `make run` first")
+        return
+    for stage, value in seconds.items():
+        emit(f"stage_seconds_{stage}", value)
+    emit("stage_seconds_total", round(sum(seconds.values()), 1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--paper-dir", type=Path, default=Path("../shared/datasets/refusal_direction"))
+    parser.add_argument("--n-train", type=int, default=128)
+    parser.add_argument("--n-val", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--n-single", type=int, default=8, help="prompts for the one-at-a-time generation loop")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference selection")
+    parser.add_argument("--no-filter", action="store_true", help="keep prompts the model does not refuse")
+    parser.add_argument("--_activation-memory", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_intermixed_args(argv)
+    paper_dir = args.paper_dir if args.paper_dir.is_dir() else None
+    if args._activation_memory:
+        _activation_memory_child(args._activation_memory, paper_dir)
+        return
+    cfg = compose_config(args.overrides)
+    emit("model", cfg.model.name)
+    emit("torch_threads", torch.get_num_threads())
+    lm = load_model(cfg.model, cfg.runtime.device)
+    prompts = load_prompts(paper_dir, args.n_train, args.n_val)
+    if not args.no_filter:
+        prompts = filter_by_refusal(lm, prompts, cfg.runtime.batch_size)
+    bench_selection(lm, prompts, cfg, args.skip_reference)
+    bench_utilisation(lm, prompts["harmless_val"], cfg)
+    bench_generation(lm, prompts["harmless_val"], args.max_new_tokens, cfg, args.n_single)
+    bench_activation_memory([args.n_train // 4, args.n_train], paper_dir)
+    stage_times()
+
+
+if __name__ == "__main__":
+    main()
