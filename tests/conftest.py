@@ -8,6 +8,7 @@ paper's identities (ablation, orthogonalization, addition) can be checked to tig
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import cache
 from importlib import resources
@@ -26,6 +27,8 @@ from transformers import (
     AutoModelForCausalLM,
 )
 
+# Tests never talk to W&B unless a test opts in (the end-to-end test logs offline in a subprocess).
+os.environ["WANDB_MODE"] = "disabled"
 sys.path.insert(0, str(Path(__file__).parent))
 import templates  # noqa: E402
 
