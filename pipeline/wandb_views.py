@@ -53,10 +53,10 @@ def panels(keys: Sequence[str], headline: Sequence[str]) -> dict[str, list[Any]]
     }
 
 
-def _filters(group: str | None) -> list:
+def _filters(group: str | None):
     import wandb_workspaces.workspaces as ws
 
-    return [ws.Metric("Group") == group] if group else []
+    return ws.And(ws.Metric("Group") == group) if group else ""
 
 
 def build_workspace(entity: str, project: str, keys: Sequence[str], headline: Sequence[str],
