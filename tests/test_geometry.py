@@ -11,9 +11,10 @@ from pipeline.hooks import residual_recorder
 def _reference(lm, ids: list[int], direction: torch.Tensor, n_pos: int) -> torch.Tensor:
     """One prompt alone, no padding: hidden_states for block inputs, the recorder for the final-norm input."""
     seen = {}
-    with torch.no_grad(), residual_recorder(lm.model, lm.adapter, lambda l, x: seen.__setitem__(l, x)):
+    with torch.no_grad(), residual_recorder(lm.model, lm.adapter, seen.__setitem__):
         out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    states = [out.hidden_states[l][0, -n_pos:] for l in range(lm.n_layers)] + [seen[lm.n_layers][0, -n_pos:]]
+    states = [out.hidden_states[layer][0, -n_pos:] for layer in range(lm.n_layers)]
+    states.append(seen[lm.n_layers][0, -n_pos:])
     stacked = torch.stack(states, dim=-1)  # [pos, d, sites]
     return torch.nn.functional.cosine_similarity(stacked, direction[None, :, None], dim=1)
 
@@ -29,7 +30,7 @@ def test_cosine_by_layer_matches_unbatched_hidden_states(tiny_lm, family):
     assert got.shape == (len(texts), n_pos, lm.n_layers + 1)
     want = torch.stack([_reference(lm, i, direction, n_pos) for i in ids])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert got[:, :, 1:].abs().max() > 0.05, "random direction should have some visible cosine (test is meaningful)"
+    assert got[:, :, 1:].abs().max() > 0.05, "a random direction should show some cosine (test is meaningful)"
 
 
 def test_cosine_by_layer_takes_any_number_of_trailing_positions(tiny_lm):

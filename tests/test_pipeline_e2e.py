@@ -73,7 +73,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 def _offline_run(tmp: Path) -> tuple[Path, dict]:
-    """The one offline run under the configured dir, and its records by type (config, summary, artifacts...)."""
+    """The one offline run under the configured dir, and its records by type (config, summary, ...)."""
     (run_dir,) = (tmp / "wandb-runs" / "wandb").glob("offline-run-*")
     found: dict = {"summary": {}, "artifacts": {}, "files": set()}
     for record in records(next(run_dir.glob("run-*.wandb"))):
@@ -105,15 +105,16 @@ def _check_wandb_run(tmp: Path) -> None:
     assert config["dvc"]["stages"]["select"]["current"] is True
     summary = found["summary"]
     assert 0 <= summary["judge/refusal_rate/harmless_addition"] <= 1
-    assert {"select/layer", "loss/ce_loss/general_text/delta_ablation", "projections/last_token/test_separation",
-            "seconds/select", "seconds/total"} <= set(summary)
+    assert {"select/layer", "loss/ce_loss/general_text/delta_ablation", "seconds/select", "seconds/total",
+            "projections/last_token/test_separation"} <= set(summary)
     tables = {"completions", "selection_scores", "cosine_by_layer"}
     figures = {"judge/refusal_rate", "select/bypass_score", "select/kl", "projections/cosine_by_layer"}
     for name in tables:
         assert summary[f"tables/{name}"]["_type"] == "table-file"
         assert (run_dir / "files" / summary[f"tables/{name}"]["path"]).is_file()
     completions = json.loads((run_dir / "files" / summary["tables/completions"]["path"]).read_text())
-    assert {"condition", "response", "judge/refusal"} <= set(completions["columns"]) and len(completions["data"]) == 15
+    assert {"condition", "response", "judge/refusal"} <= set(completions["columns"])
+    assert len(completions["data"]) == 15  # 5 conditions x 3 test prompts
     for name in figures:
         assert summary[f"figures/{name}"]["_type"] == "image-file"
         assert (run_dir / "files" / summary[f"figures/{name}"]["path"]).is_file()
@@ -131,7 +132,8 @@ def _check_dvc_views(project: Path, env: dict) -> None:
     shown = json.dumps(metrics)
     for key in ("harmless_addition", "delta_ablation", "test_separation", "mean_kl_vs_hooks"):
         assert key in shown, key
-    plots = json.loads(_run(["dvc", "plots", "show", "--json"], project, env).strip().splitlines()[-1])["data"]
+    shown = _run(["dvc", "plots", "show", "--json"], project, env)
+    plots = json.loads(shown.strip().splitlines()[-1])["data"]
     assert {"selection_scores", "refusal_rate", "cosine_last_token", "plots/select/kl.png"} <= set(plots)
     for name, items in plots.items():
         for item in items:
@@ -148,7 +150,7 @@ def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update({"REFUSAL_CACHE": str(tmp_path / "cache"), "DVC_NO_ANALYTICS": "1",
                 "HF_DATASETS_CACHE": str(tmp_path / "hf"), "WANDB_API_KEY": SENTINEL, "HF_TOKEN": SENTINEL,
-                **{f"WANDB_{d}_DIR": str(tmp_path / f"wandb-{d.lower()}") for d in ("DATA", "CACHE", "CONFIG")},
+                **{f"WANDB_{d}_DIR": str(tmp_path / f"wandb-{d}") for d in ("DATA", "CACHE", "CONFIG")},
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@t"})
     _run(["git", "init", "-q"], project, env)

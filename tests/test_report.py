@@ -1,4 +1,4 @@
-"""The report stage: picks up every metrics file, escapes model output, survives W&B failures, leaks no key."""
+"""The report stage: reads every metrics file, escapes model output, survives W&B failures, leaks no key."""
 
 import json
 import logging
@@ -31,24 +31,27 @@ def workspace(tmp_path, monkeypatch):
     write_json("metrics/select.json", {"layer": 2, "position": -1, "kl": 0.05})
     write_json("metrics/judge.json", {"refusal_rate": {c: 0.5 for c in CONDITIONS}})
     write_json("metrics/loss.json", {"ce_loss": {"general_text": {"delta_ablation": 0.01}}})
-    write_json("metrics/brand_new_stage.json", {"nested": {"score": 0.75}})  # a stage the report never heard of
+    write_json("metrics/brand_new_stage.json", {"nested": {"score": 0.75}})  # a stage unknown to the report
     for stage, seconds in {"select": 3.0, "judge": 1.0, "report": 99.0}.items():
         write_json(f"artifacts/timing/{stage}.json", {"stage": stage, "wall_seconds": seconds})
-    rows = [{"position": p - n_pos, "position_label": f"t{p}", "layer": l, "bypass_score": -l, "induce_score": l,
-             "kl": 0.01 * l, "status": "eligible"} for p in range(n_pos) for l in range(n_sites)]
+    rows = [{"position": p - n_pos, "position_label": f"t{p}", "layer": layer, "bypass_score": -layer,
+             "induce_score": layer, "kl": 0.01 * layer, "status": "eligible"}
+            for p in range(n_pos) for layer in range(n_sites)]
     Path("artifacts/select").mkdir(parents=True)
     pd.DataFrame(rows).to_csv("artifacts/select/scores.csv", index=False)
-    write_json("artifacts/select/direction.json", {"model": "m", "position": -1, "position_label": "t1", "layer": 2})
+    write_json("artifacts/select/direction.json", {"position": -1, "position_label": "t1", "layer": 2})
     save_tensors("artifacts/select/direction.safetensors", {"direction": torch.ones(8)})
     save_tensors("artifacts/directions/candidates.safetensors", {"directions": torch.ones(n_pos, n_sites, 8)})
     write_json("artifacts/directions/candidates.json", {"labels": ["t0", "t1"], "n_layers": 3, "d_model": 8})
-    verdicts = {c: [{"instruction": f"prompt {i} {HOSTILE}", "category": None, "response": f"{c} says {HOSTILE}",
-                     "refusal": i % 2 == 0} for i in range(3)] for c in CONDITIONS}
+    verdicts = {c: [{"instruction": f"prompt {i} {HOSTILE}", "category": None,
+                     "response": f"{c} says {HOSTILE}", "refusal": i % 2 == 0} for i in range(3)]
+                for c in CONDITIONS}
     write_json("artifacts/judge/verdicts.json", verdicts)
     write_json("artifacts/safety/verdicts.json",  # a second judge: its verdicts join the same rows
                {c: [{"instruction": v["instruction"], "response": v["response"], "unsafe": True}
                     for v in items] for c, items in verdicts.items()})
-    figures.refusal_bars(pd.DataFrame({"condition": ["a"], "rate": [0.5]}), Path("plots/select/bypass_score.png"))
+    any_png = Path("plots/select/bypass_score.png")
+    figures.refusal_bars(pd.DataFrame({"condition": ["a"], "rate": [0.5]}), any_png)
     Path("plots/projections").mkdir(parents=True)
     pd.DataFrame({"layer": range(n_sites), "harmful_test": 0.1, "harmless_test": 0.0}).to_csv(
         "plots/projections/cosine_last_token.csv", index=False)
@@ -58,7 +61,8 @@ def workspace(tmp_path, monkeypatch):
 def _cfg(**tracking):
     cfg = compose_config()
     OmegaConf.update(cfg, "report.n_examples", 2)
-    OmegaConf.update(cfg, "tracking.wandb", {**cfg.tracking.wandb, "mode": "disabled", **tracking}, merge=False)
+    OmegaConf.update(cfg, "tracking.wandb", {**cfg.tracking.wandb, "mode": "disabled", **tracking},
+                     merge=False)
     OmegaConf.update(cfg, "model.source.token", SENTINEL, force_add=True)  # a key pasted into the config
     return cfg
 
@@ -86,7 +90,8 @@ def test_report_outputs_escape_model_text(workspace):
     page = Path("reports/report.html").read_text()
     parser = _Tags()
     parser.feed(page)
-    assert "script" not in parser.tags and parser.tags.count("img") == len(list(Path("reports/figures").glob("*.png")))
+    assert "script" not in parser.tags
+    assert parser.tags.count("img") == len(list(Path("reports/figures").glob("*.png")))  # the figures only
     assert "&lt;script&gt;alert" in page and "<script>" not in page
     md = Path("reports/summary.md").read_text()
     assert "<script" not in md and "](javascript" not in md and "<img" not in md
@@ -99,9 +104,11 @@ def test_report_picks_up_every_metrics_file_and_timings(workspace):
     report.run(_cfg())
     summary = json.loads(Path("reports/summary.json").read_text())
     assert summary["metrics"]["brand_new_stage/nested/score"] == 0.75
-    assert list(summary["headline"])[:2] == ["judge/refusal_rate/harmful_baseline", "judge/refusal_rate/harmful_ablation"]
+    assert list(summary["headline"])[:2] == ["judge/refusal_rate/harmful_baseline",
+                                             "judge/refusal_rate/harmful_ablation"]
     assert "brand_new_stage/nested/score" not in summary["headline"]
-    assert summary["wall_seconds"] == {"select": 3.0, "judge": 1.0, "total": 4.0}  # its own old timing excluded
+    # the report's own timing (from its previous run) is left out
+    assert summary["wall_seconds"] == {"select": 3.0, "judge": 1.0, "total": 4.0}
     long = pd.read_csv("plots/report/selection_scores.csv")
     assert set(long.metric) == {"bypass_score", "induce_score", "kl"} and long.chosen.sum() == 3
     assert pd.read_csv("plots/report/refusal_rate.csv").refusal_rate.tolist() == [0.5] * len(CONDITIONS)
@@ -152,9 +159,11 @@ def test_no_key_reaches_the_wandb_config_or_any_output(workspace, monkeypatch):
     assert config["model"]["source"]["token"] == "<redacted>" and SENTINEL not in json.dumps(config)
     assert {"git", "dvc"} <= set(config) and config["model"]["name"]
     model = config["model"]["name"]
-    assert [a.name for a in seen["artifacts"]] == [f"candidate-directions-{model}", f"refusal-direction-{model}"]
+    names = [a.name for a in seen["artifacts"]]
+    assert names == [f"candidate-directions-{model}", f"refusal-direction-{model}"]
     assert seen["artifacts"][1].metadata["derived_from"] == [seen["artifacts"][0].name]
-    assert {"tables/completions", "tables/selection_scores", "figures/select/bypass_score"} <= set(seen["log"])
+    logged = {"tables/completions", "tables/selection_scores", "figures/select/bypass_score"}
+    assert logged <= set(seen["log"])
     for path in workspace.rglob("*"):
         if path.is_file():
             assert SENTINEL.encode() not in path.read_bytes(), path

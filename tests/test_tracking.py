@@ -67,7 +67,7 @@ def _specs(tmp_path):
     (tmp_path / "c.bin").write_bytes(b"c")
     (tmp_path / "d.bin").write_bytes(b"d")
     return [tracking.ArtifactSpec("cands", "candidate-directions", [tmp_path / "c.bin"]),
-            tracking.ArtifactSpec("dir", "refusal-direction", [tmp_path / "d.bin"], {"layer": 3}, inputs=["cands"])]
+            tracking.ArtifactSpec("dir", "refusal-direction", [tmp_path / "d.bin"], inputs=["cands"])]
 
 
 def test_online_the_direction_is_logged_after_declaring_the_candidates_as_input(tmp_path):
@@ -117,7 +117,8 @@ def test_dvc_state_hashes_stages_and_checks_small_outputs(tmp_path, monkeypatch)
 
 def test_git_state_ignores_generated_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
     for name in ("code.py", "params.yaml", "metrics/m.json"):
         Path(name).parent.mkdir(exist_ok=True)
         Path(name).write_text("1")
@@ -134,7 +135,8 @@ def test_git_state_ignores_generated_files(tmp_path, monkeypatch):
 
 def test_redact_blanks_credentials_but_not_token_counts():
     secrets = {"hf_abcdefghijklmnop"}
-    cfg = {"eval": {"max_new_tokens": 64}, "model": {"source": {"token": "x", "path": "/m/hf_abcdefghijklmnop"}},
+    cfg = {"eval": {"max_new_tokens": 64},
+           "model": {"source": {"token": "x", "path": "/m/hf_abcdefghijklmnop"}},
            "WANDB_API_KEY": "k", "list": ["hf_abcdefghijklmnop"]}
     out = provenance.redact(cfg, secrets)
     assert out["eval"]["max_new_tokens"] == 64 and out["model"]["source"]["token"] == "<redacted>"

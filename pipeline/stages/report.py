@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,11 @@ def verdict_table() -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()))
 
 
+def _missing(value: Any) -> bool:
+    """No verdict from this judge for this row (None, or NaN where pandas filled a gap)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def examples(table: pd.DataFrame, n: int) -> dict[str, list[Example]]:
     """The first ``n`` test prompts of each side with their response under every condition of that side."""
     verdict_columns = [c for c in table.columns if "/" in c]
@@ -124,7 +130,7 @@ def examples(table: pd.DataFrame, n: int) -> dict[str, list[Example]]:
         out[title] = [
             Example(instruction, {
                 r["condition"]: {"text": r["response"],
-                                 "verdicts": {c: r[c] for c in verdict_columns if pd.notna(r[c])}}
+                                 "verdicts": {c: r[c] for c in verdict_columns if not _missing(r[c])}}
                 for r in rows[rows.instruction == instruction].to_dict("records")
             })
             for instruction in rows.instruction.drop_duplicates()[:n]
