@@ -8,6 +8,7 @@ paper's identities (ablation, orthogonalization, addition) can be checked to tig
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import cache
 from importlib import resources
@@ -26,6 +27,8 @@ from transformers import (
     Qwen2Config,
 )
 
+# Tests never talk to W&B unless a test opts in (the end-to-end test logs offline in a subprocess).
+os.environ["WANDB_MODE"] = "disabled"
 sys.path.insert(0, str(Path(__file__).parent))
 import templates  # noqa: E402
 
@@ -158,7 +161,7 @@ def make_tiny_project(tmp: Path, **overrides) -> Path:
 
     project = tmp / "project"
     project.mkdir(parents=True)
-    for name in ("pipeline", "conf"):
+    for name in ("pipeline", "conf", "plot_templates"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     (project / "data").mkdir()

@@ -1,4 +1,8 @@
-"""A tiny end-to-end `dvc repro` in a temporary copy of the project, then a second one that does nothing."""
+"""A tiny end-to-end `dvc repro` in a temporary copy of the project, then a second one that does nothing.
+
+The run logs to W&B offline with credential-like variables set to a sentinel; the test reads the offline
+run back (its record log and files), renders every DVC plot, and checks no file holds the sentinel.
+"""
 
 import json
 import os
@@ -8,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_tiny_project
+from wandb_records import records
 
-SECRETS = {"HF_TOKEN": "hf_SENTINELtoken0123456789", "WANDB_API_KEY": "SENTINELwandbkey0123456789abcdef01234567"}
+SENTINEL = "e2e-sentinel-key-0123456789"
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -18,12 +23,88 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     return result.stdout + result.stderr
 
 
+def _offline_run(tmp: Path) -> tuple[Path, dict]:
+    """The one offline run under the configured dir, and its records by type (config, summary, ...)."""
+    (run_dir,) = (tmp / "wandb-runs" / "wandb").glob("offline-run-*")
+    found: dict = {"summary": {}, "artifacts": {}, "files": set()}
+    for record in records(next(run_dir.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            found["run"] = record.run
+            found["config"] = {u.key: json.loads(u.value_json) for u in record.run.config.update}
+        elif kind == "summary":
+            for update in record.summary.update:
+                *parents, leaf = update.nested_key or [update.key]
+                target = found["summary"]
+                for parent in parents:
+                    target = target.setdefault(parent, {})
+                target[leaf] = json.loads(update.value_json)
+        elif kind == "artifact":
+            found["artifacts"][record.artifact.name] = record.artifact
+        elif kind == "files":
+            found["files"].update(f.path for f in record.files.files)
+    return run_dir, found
+
+
+def _check_wandb_run(tmp: Path) -> None:
+    run_dir, found = _offline_run(tmp)
+    assert found["run"].project == "refusal-direction" and found["run"].run_group == "tiny__paper__default"
+    config = found["config"]
+    assert config["model"]["name"] == "tiny-qwen2" and config["select"]["kl_threshold"] == 1e9
+    assert {"commit", "dirty"} <= set(config["git"])
+    assert config["dvc"]["lock"] and {"data", "select", "judge"} <= set(config["dvc"]["stages"])
+    assert config["dvc"]["stages"]["select"]["current"] is True
+    summary = found["summary"]
+    assert 0 <= summary["judge/refusal_rate/harmless_addition"] <= 1
+    assert {"select/layer", "loss/ce_loss/general_text/delta_ablation", "seconds/select", "seconds/total",
+            "projections/last_token/test_separation"} <= set(summary)
+    tables = {"completions", "selection_scores", "cosine_by_layer"}
+    figures = {"judge/refusal_rate", "select/bypass_score", "select/kl", "projections/cosine_by_layer"}
+    for name in tables:
+        assert summary[f"tables/{name}"]["_type"] == "table-file"
+        assert (run_dir / "files" / summary[f"tables/{name}"]["path"]).is_file()
+    completions = json.loads((run_dir / "files" / summary["tables/completions"]["path"]).read_text())
+    assert {"condition", "response", "judge/refusal"} <= set(completions["columns"])
+    assert len(completions["data"]) == 15  # 5 conditions x 3 test prompts
+    for name in figures:
+        assert summary[f"figures/{name}"]["_type"] == "image-file"
+        assert (run_dir / "files" / summary[f"figures/{name}"]["path"]).is_file()
+    candidates = found["artifacts"]["candidate-directions-tiny-qwen2"]
+    direction = found["artifacts"]["refusal-direction-tiny-qwen2"]
+    assert {e.path for e in direction.manifest.contents} == {"direction.safetensors", "direction.json"}
+    assert json.loads(direction.metadata)["derived_from"] == [candidates.name]
+    assert "candidates.safetensors" in {e.path for e in candidates.manifest.contents}
+
+
+def _check_dvc_views(project: Path, env: dict) -> None:
+    import vl_convert
+
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], project, env).strip().splitlines()[-1])
+    shown = json.dumps(metrics)
+    for key in ("harmless_addition", "delta_ablation", "test_separation", "mean_kl_vs_hooks"):
+        assert key in shown, key
+    shown = _run(["dvc", "plots", "show", "--json"], project, env)
+    plots = json.loads(shown.strip().splitlines()[-1])["data"]
+    assert {"selection_scores", "refusal_rate", "cosine_last_token", "plots/select/kl.png"} <= set(plots)
+    for name, items in plots.items():
+        for item in items:
+            if item["type"] == "vega":
+                assert item["content"]["data"]["values"], name
+                assert vl_convert.vegalite_to_svg(item["content"]).count("<path") > 3, name  # drew marks
+    _run(["dvc", "plots", "show"], project, env)
+    assert "vegaEmbed" in (project / "dvc_plots" / "index.html").read_text()
+
+
 @pytest.mark.slow
 def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
-    project = make_tiny_project(tmp_path)
-    env = {**os.environ, "REFUSAL_CACHE": str(tmp_path / "cache"), "DVC_NO_ANALYTICS": "1", **SECRETS,
-           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "WANDB_MODE": "disabled",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    project = make_tiny_project(tmp_path, **{"tracking.wandb.mode": "offline",
+                                             "tracking.wandb.dir": str(tmp_path / "wandb-runs")})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"REFUSAL_CACHE": str(tmp_path / "cache"), "DVC_NO_ANALYTICS": "1",
+                "HF_DATASETS_CACHE": str(tmp_path / "hf"), "WANDB_API_KEY": SENTINEL, "HF_TOKEN": SENTINEL,
+                **{f"WANDB_{d}_DIR": str(tmp_path / f"wandb-{d}") for d in ("DATA", "CACHE", "CONFIG")},
+                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t"})
     _run(["git", "init", "-q"], project, env)
     _run(["dvc", "init", "-q"], project, env)
     out = _run(["dvc", "repro"], project, env)
@@ -35,14 +116,13 @@ def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     ortho = json.loads((project / "metrics" / "orthogonalize.json").read_text())
     assert ortho["mean_kl_vs_hooks"] < 1e-4
     assert (project / "artifacts" / "orthogonalized_model" / "config.json").exists()
-    assert (project / "reports" / "summary.md").exists()
+    assert (project / "reports" / "summary.md").exists() and (project / "reports" / "report.html").exists()
     assert (project / "plots" / "select" / "bypass_score.png").exists()
+    _check_wandb_run(tmp_path)
+    _check_dvc_views(project, env)
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and "cache" not in path.relative_to(tmp_path).parts[0]:
+            assert SENTINEL.encode() not in path.read_bytes(), path
     again = _run(["dvc", "repro"], project, env)
     assert "Running stage" not in again
     assert "Data and pipelines are up to date" in again
-    # tokens come from the environment and never reach an output, a log or the params
-    for path in project.rglob("*"):
-        if path.is_file() and ".git" not in path.parts:
-            data = path.read_bytes()
-            assert not any(secret.encode() in data for secret in SECRETS.values()), path
-    assert not any(secret in out + again for secret in SECRETS.values())

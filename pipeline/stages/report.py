@@ -1,120 +1,239 @@
-"""Stage ``report``: one summary of the run, as JSON, Markdown, a console table and a W&B run."""
+"""Stage ``report``: the run's numbers, plots and example completions, for people and for dashboards.
+
+Every ``metrics/*.json`` is read and flattened to ``<stage>/<key>/...``, so a new stage's metrics
+reach the report, the W&B summary and ``reports/summary.json`` without touching this file;
+``report.headline`` (glob patterns over those keys) picks the curated table on top. Likewise every
+PNG under ``plots/<stage>/`` becomes a figure and every ``artifacts/<stage>/verdicts.json`` (same
+shape as the judge's: ``{condition: [{instruction, response, <verdict fields>}]}``) adds verdict
+columns to the completions. Writes:
+
+* ``reports/summary.{json,md}``, ``reports/report.html`` (self-contained) and ``reports/figures/``;
+* ``plots/report/selection_scores.csv`` (long format: layer, position, metric, value) and
+  ``plots/report/refusal_rate.csv``: the data of the DVC heatmap and bar plots;
+* one W&B run (``pipeline.tracking``): config with provenance, summary, tables, figures, artifacts.
+"""
 
 from __future__ import annotations
 
-import html
+import fnmatch
 import logging
+import math
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import paths
+from pipeline import figures, paths, provenance
 from pipeline.cli import run_stage
-from pipeline.io import read_json, write_json, write_text
+from pipeline.io import atomic_path, read_json, sha256_file, write_json, write_text
+from pipeline.render import Example, ReportContent, fmt, html_page, markdown
 from pipeline.stages import STAGES
 from pipeline.stages.completions import CONDITIONS
-from pipeline.tracking import wandb_run
+from pipeline.tracking import ArtifactSpec, RunRecord, artifact_name, log_run
 
 log = logging.getLogger(__name__)
 
-
-def collect(cfg: DictConfig) -> dict:
-    """Headline numbers of the run, flat and JSON-ready."""
-    select, judge, loss = (read_json(paths.metrics(s)) for s in ("select", "judge", "loss"))
-    ortho = read_json(paths.metrics("orthogonalize"))
-    rates = judge["refusal_rate"]
-    summary = {
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "refusal_harmful_baseline": rates["harmful_baseline"],
-        "refusal_harmful_ablation": rates["harmful_ablation"],
-        "refusal_harmful_subtraction": rates["harmful_subtraction"],
-        "refusal_harmless_baseline": rates["harmless_baseline"],
-        "refusal_harmless_addition": rates["harmless_addition"],
-        "layer": select["layer"],
-        "layer_fraction": select["layer_fraction"],
-        "position": select["position"],
-        "selection_kl": select["kl"],
-        "selection_bypass_score": select["bypass_score"],
-        "selection_induce_score": select["induce_score"],
-        "orthogonalize_mean_kl": ortho.get("mean_kl_vs_hooks"),
-    }
-    for corpus, values in loss["ce_loss"].items():
-        for key in ("ce_baseline", "delta_ablation", "delta_subtraction"):
-            summary[f"{corpus}_{key}"] = values.get(key)
-    return summary
+FIGURES = paths.REPORTS / "figures"
+PLOT_DIR = paths.PLOTS / "report"
+SCORE_METRICS = ("bypass_score", "induce_score", "kl")
+BASE_FIELDS = ("instruction", "category", "response")
 
 
-def timings() -> dict[str, float]:
-    out = {}
-    for stage in STAGES:
-        path = paths.timing(stage)
-        if path.exists():
-            out[stage] = read_json(path)["wall_seconds"]
+def flatten(obj: Any, prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"<prefix>/a/b": 1}`` (dicts only; other values are leaves)."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(flatten(value, f"{prefix}/{key}"))
     return out
 
 
-def examples(n: int) -> dict[str, list[dict]]:
-    return {c: read_json(paths.completions(c))[:n] for c in CONDITIONS}
+def _stage_order(stage: str) -> tuple[int, str]:
+    return (STAGES.index(stage) if stage in STAGES else len(STAGES), stage)
 
 
-def _cell(text: str) -> str:
-    """Escape model output for a Markdown table cell (no HTML, no table breaks)."""
-    return html.escape(text).replace("|", "&#124;").replace("\n", "<br>").replace("`", "&#96;")
+def read_metrics(directory: Path = paths.METRICS) -> dict[str, Any]:
+    """Every metrics file, flattened, in pipeline order (stages not in ``STAGES`` last, by name)."""
+    flat: dict[str, Any] = {}
+    for path in sorted(directory.glob("*.json"), key=lambda p: _stage_order(p.stem)):
+        flat.update(flatten(read_json(path), path.stem))
+    return flat
 
 
-def markdown(summary: dict, seconds: dict[str, float], samples: dict[str, list[dict]]) -> str:
-    lines = [f"# Refusal direction: {summary['model']} on {summary['data']}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in seconds.items()]
-    lines += ["", "## Example completions", ""]
-    for condition, items in samples.items():
-        lines += [f"### {condition}", "", "| instruction | response |", "|---|---|"]
-        lines += [f"| {_cell(i['instruction'])} | {_cell(i['response'])} |" for i in items]
-        lines.append("")
-    return "\n".join(lines) + "\n"
+def pick(flat: dict[str, Any], patterns: list[str]) -> dict[str, Any]:
+    """The keys matching each glob pattern, in pattern order, then file order."""
+    out: dict[str, Any] = {}
+    for pattern in patterns:
+        out.update({k: v for k, v in flat.items() if fnmatch.fnmatchcase(k, pattern) and k not in out})
+    return out
 
 
-def print_table(summary: dict, seconds: dict[str, float]) -> None:
-    table = Table(title=f"Refusal direction: {summary['model']} / {summary['data']}")
+def timings() -> dict[str, float]:
+    """Wall seconds of every stage that ran before this one, plus their total."""
+    files = [p for p in (paths.ARTIFACTS / "timing").glob("*.json") if p.stem != "report"]
+    files.sort(key=lambda p: _stage_order(p.stem))
+    seconds = {p.stem: read_json(p)["wall_seconds"] for p in files}
+    return {**seconds, "total": round(sum(seconds.values()), 2)}
+
+
+def refusal_rates(flat: dict[str, Any]) -> pd.DataFrame:
+    """``condition, rate`` from every ``<stage>/refusal_rate/<condition>`` (other judges are suffixed)."""
+    rows = []
+    for key, value in flat.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1] == "refusal_rate" and isinstance(value, (int, float)):
+            label = parts[2] if parts[0] == "judge" else f"{parts[2]} ({parts[0]})"
+            rows.append({"condition": label, "rate": float(value)})
+    return pd.DataFrame(rows, columns=["condition", "rate"])
+
+
+def selection_long(scores: pd.DataFrame, chosen: dict) -> pd.DataFrame:
+    """Selection scores as (layer, position, metric, value) rows for the heatmap; NaN (not scored) dropped."""
+    long = scores.melt(id_vars=["layer", "position", "position_label", "status"],
+                       value_vars=list(SCORE_METRICS), var_name="metric").dropna(subset=["value"])
+    long["chosen"] = (long.layer == chosen["layer"]) & (long.position == chosen["position"])
+    return long[["layer", "position", "position_label", "metric", "value", "status", "chosen"]]
+
+
+def verdict_table() -> pd.DataFrame:
+    """Completions and every judge's verdicts (``<stage>/<field>`` columns), a row per condition, prompt."""
+    files = sorted(paths.ARTIFACTS.glob("*/verdicts.json"), key=lambda p: _stage_order(p.parent.name))
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in files:
+        judge = path.parent.name
+        for condition, items in read_json(path).items():
+            for item in items:
+                row = rows.setdefault((condition, item["instruction"]),
+                                      {"condition": condition, **{f: item.get(f) for f in BASE_FIELDS}})
+                row.update({f"{judge}/{k}": v for k, v in item.items() if k not in BASE_FIELDS})
+    return pd.DataFrame(list(rows.values()))
+
+
+def _missing(value: Any) -> bool:
+    """No verdict from this judge for this row (None, or NaN where pandas filled a gap)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def examples(table: pd.DataFrame, n: int) -> dict[str, list[Example]]:
+    """The first ``n`` test prompts of each side with their response under every condition of that side."""
+    verdict_columns = [c for c in table.columns if "/" in c]
+    out: dict[str, list[Example]] = {}
+    for side in dict.fromkeys(s for s, _ in CONDITIONS.values()):
+        conditions = [c for c, (s, _) in CONDITIONS.items() if s == side]
+        rows = table[table.condition.isin(conditions)]
+        title = f"{side} test prompts: " + " vs ".join(CONDITIONS[c][1] for c in conditions)
+        out[title] = [
+            Example(instruction, {
+                r["condition"]: {"text": r["response"],
+                                 "verdicts": {c: r[c] for c in verdict_columns if not _missing(r[c])}}
+                for r in rows[rows.instruction == instruction].to_dict("records")
+            })
+            for instruction in rows.instruction.drop_duplicates()[:n]
+        ]
+    return out
+
+
+def collect_figures(rates: pd.DataFrame) -> dict[str, Path]:
+    """Draw the refusal-rate chart; gather every stage's PNG plots; all copied under ``reports/figures``."""
+    figures.refusal_bars(rates, FIGURES / "refusal_rate.png")
+    found = {"judge/refusal_rate": FIGURES / "refusal_rate.png"}
+    for png in sorted(paths.PLOTS.glob("*/*.png"), key=lambda p: (_stage_order(p.parent.name), p.name)):
+        if png.parent == PLOT_DIR:
+            continue
+        copy = FIGURES / f"{png.parent.name}__{png.name}"
+        with atomic_path(copy) as tmp:
+            shutil.copyfile(png, tmp)
+        found[f"{png.parent.name}/{png.stem}"] = copy
+    return found
+
+
+def tables(flat: dict[str, Any], verdicts: pd.DataFrame, chosen: dict) -> dict[str, pd.DataFrame]:
+    out = {"completions": verdicts}
+    scores = pd.read_csv(paths.stage_dir("select") / "scores.csv")
+    out["selection_scores"] = scores.assign(chosen=(scores.layer == chosen["layer"])
+                                            & (scores.position == chosen["position"]))
+    curves = [pd.read_csv(p).melt(id_vars="layer", var_name="prompt_set", value_name="mean_cosine")
+              .assign(view=p.stem.removeprefix("cosine_"))
+              for p in sorted((paths.PLOTS / "projections").glob("cosine_*.csv"))]
+    if curves:
+        out["cosine_by_layer"] = pd.concat(curves, ignore_index=True)
+    prefix = "capabilities/"
+    capabilities = [(k.removeprefix(prefix), v) for k, v in flat.items() if k.startswith(prefix)]
+    if capabilities:
+        out["capabilities"] = pd.DataFrame(capabilities, columns=["task_metric", "value"])
+    return out
+
+
+def direction_artifacts(model: str) -> list[ArtifactSpec]:
+    """The candidate directions and, derived from them, the selected direction (W&B lineage)."""
+    candidates_dir, select_dir = paths.stage_dir("directions"), paths.stage_dir("select")
+    candidate_files = [candidates_dir / "candidates.safetensors", candidates_dir / "candidates.json"]
+    direction_files = [select_dir / "direction.safetensors", select_dir / "direction.json"]
+    info = read_json(candidates_dir / "candidates.json")
+    candidates = ArtifactSpec(
+        artifact_name(f"candidate-directions-{model}"), "candidate-directions", candidate_files,
+        {"model": model, "positions": info["labels"], "n_layers": info["n_layers"],
+         "d_model": info["d_model"], "sha256": {p.name: sha256_file(p) for p in candidate_files}},
+    )
+    direction = ArtifactSpec(
+        artifact_name(f"refusal-direction-{model}"), "refusal-direction", direction_files,
+        {**read_json(select_dir / "direction.json"),
+         "sha256": {p.name: sha256_file(p) for p in direction_files}},
+        inputs=[candidates.name],
+    )
+    return [candidates, direction]
+
+
+def print_table(title: str, headline: dict[str, Any], seconds: dict[str, float]) -> None:
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    table.add_row("total wall time (s)", f"{sum(seconds.values()):.0f}")
+    for key, value in headline.items():
+        table.add_row(key, fmt(value))
+    table.add_row("total wall time (s)", f"{seconds['total']:.0f}")
     Console().print(table)
 
 
-def log_wandb(cfg: DictConfig, summary: dict, seconds: dict[str, float]) -> None:
-    with wandb_run(cfg) as run:
-        if run is None:
-            return
-        import wandb
-
-        run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        run.summary.update({f"seconds/{k}": v for k, v in seconds.items()})
-        scores = pd.read_csv(paths.stage_dir("select") / "scores.csv")
-        tables = {"selection_scores": wandb.Table(dataframe=scores)}
-        rows = [[c, i["instruction"], i["response"], i["refusal"]]
-                for c, items in read_json(paths.stage_dir("judge") / "verdicts.json").items() for i in items]
-        tables["completions"] = wandb.Table(columns=["condition", "instruction", "response", "refusal"], data=rows)
-        images = {f"select/{p.stem}": wandb.Image(str(p)) for p in sorted((paths.PLOTS / "select").glob("*.png"))}
-        run.log({**tables, **images})
-
-
 def run(cfg: DictConfig) -> None:
-    summary = collect(cfg)
+    flat = read_metrics()
+    headline = pick(flat, list(cfg.report.headline))
     seconds = timings()
+    chosen = read_json(paths.stage_dir("select") / "direction.json")
+    rates = refusal_rates(flat)
+    verdicts = verdict_table()
+
+    with atomic_path(PLOT_DIR / "selection_scores.csv") as tmp:
+        selection_long(pd.read_csv(paths.stage_dir("select") / "scores.csv"), chosen).to_csv(tmp, index=False)
+    with atomic_path(PLOT_DIR / "refusal_rate.csv") as tmp:
+        rates.rename(columns={"rate": "refusal_rate"}).to_csv(tmp, index=False)
+    found = collect_figures(rates)
+
+    lock = provenance.read_lock()
+    git = provenance.git_state(provenance.generated_paths(lock))
+    config = {**OmegaConf.to_container(cfg, resolve=True), "git": git, "dvc": provenance.dvc_state()}
+    summary = {**flat, **{f"seconds/{k}": v for k, v in seconds.items()}}
+    record = RunRecord(config, summary, tables(flat, verdicts, chosen), found,
+                       direction_artifacts(cfg.model.name))
+    wandb_dir = log_run(cfg, record)
+
+    title = f"Refusal direction: {cfg.model.name} on {cfg.data.name}"
+    commit = (git["commit"] or "no commit")[:10] + (" (dirty)" if git["dirty"] else "")
+    run_info = {"model": cfg.model.name, "data": cfg.data.name, "select": cfg.select.name,
+                "eval": cfg.eval.name, "git": commit, "W&B": str(wandb_dir) if wandb_dir else "not logged"}
+    content = ReportContent(title, run_info, headline, flat, seconds, found,
+                            examples(verdicts, cfg.report.n_examples))
     out = paths.REPORTS
-    write_json(out / "summary.json", {"summary": summary, "wall_seconds": seconds})
-    write_text(out / "summary.md", markdown(summary, seconds, examples(cfg.report.n_examples)))
-    print_table(summary, seconds)
-    log_wandb(cfg, summary, seconds)
-    log.info("report written to %s", Path(out).resolve())
+    write_json(out / "summary.json", provenance.redact(
+        {"run": run_info, "headline": headline, "metrics": flat, "wall_seconds": seconds}))
+    write_text(out / "summary.md", markdown(content, FIGURES.name))
+    write_text(out / "report.html", html_page(content))
+    print_table(title, headline, seconds)
+    log.info("report written to %s (open report.html in a browser)", out.resolve())
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Analyses of the residual stream that several stages share (geometry of the refusal direction)."""

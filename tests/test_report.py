@@ -1,0 +1,170 @@
+"""The report stage: reads every metrics file, escapes model output, survives W&B failures, leaks no key."""
+
+import json
+import logging
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import figures, render
+from pipeline.config import compose_config
+from pipeline.io import save_tensors, write_json
+from pipeline.stages import report
+from pipeline.stages.completions import CONDITIONS
+
+HOSTILE = ('<script>alert("x")</script> | col | `code` **bold** [link](javascript:alert(1)) ![i](http://e/x.png)\n'
+           "# heading\n| --- |\n$x$ ~~s~~ <img src=x onerror=alert(1)> &amp;")
+SENTINEL = "sentinel-secret-value-123456"
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A finished run's outputs (tiny, synthetic), with the working directory set to it."""
+    monkeypatch.chdir(tmp_path)
+    n_pos, n_sites = 2, 4
+    write_json("metrics/select.json", {"layer": 2, "position": -1, "kl": 0.05})
+    write_json("metrics/judge.json", {"refusal_rate": {c: 0.5 for c in CONDITIONS}})
+    write_json("metrics/loss.json", {"ce_loss": {"general_text": {"delta_ablation": 0.01}}})
+    write_json("metrics/brand_new_stage.json", {"nested": {"score": 0.75}})  # a stage unknown to the report
+    for stage, seconds in {"select": 3.0, "judge": 1.0, "report": 99.0}.items():
+        write_json(f"artifacts/timing/{stage}.json", {"stage": stage, "wall_seconds": seconds})
+    rows = [{"position": p - n_pos, "position_label": f"t{p}", "layer": layer, "bypass_score": -layer,
+             "induce_score": layer, "kl": 0.01 * layer, "status": "eligible"}
+            for p in range(n_pos) for layer in range(n_sites)]
+    Path("artifacts/select").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv("artifacts/select/scores.csv", index=False)
+    write_json("artifacts/select/direction.json", {"position": -1, "position_label": "t1", "layer": 2})
+    save_tensors("artifacts/select/direction.safetensors", {"direction": torch.ones(8)})
+    save_tensors("artifacts/directions/candidates.safetensors", {"directions": torch.ones(n_pos, n_sites, 8)})
+    write_json("artifacts/directions/candidates.json", {"labels": ["t0", "t1"], "n_layers": 3, "d_model": 8})
+    verdicts = {c: [{"instruction": f"prompt {i} {HOSTILE}", "category": None,
+                     "response": f"{c} says {HOSTILE}", "refusal": i % 2 == 0} for i in range(3)]
+                for c in CONDITIONS}
+    write_json("artifacts/judge/verdicts.json", verdicts)
+    write_json("artifacts/safety/verdicts.json",  # a second judge: its verdicts join the same rows
+               {c: [{"instruction": v["instruction"], "response": v["response"], "unsafe": True}
+                    for v in items] for c, items in verdicts.items()})
+    any_png = Path("plots/select/bypass_score.png")
+    figures.refusal_bars(pd.DataFrame({"condition": ["a"], "rate": [0.5]}), any_png)
+    Path("plots/projections").mkdir(parents=True)
+    pd.DataFrame({"layer": range(n_sites), "harmful_test": 0.1, "harmless_test": 0.0}).to_csv(
+        "plots/projections/cosine_last_token.csv", index=False)
+    return tmp_path
+
+
+def _cfg(**tracking):
+    cfg = compose_config()
+    OmegaConf.update(cfg, "report.n_examples", 2)
+    OmegaConf.update(cfg, "tracking.wandb", {**cfg.tracking.wandb, "mode": "disabled", **tracking},
+                     merge=False)
+    OmegaConf.update(cfg, "model.source.token", SENTINEL, force_add=True)  # a key pasted into the config
+    return cfg
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+
+def test_markdown_escaping_leaves_no_markup_and_keeps_the_table_intact():
+    text = render.md_text(HOSTILE)
+    assert text.count("<br>") == HOSTILE.count("\n")  # the only markup: line breaks inside a table cell
+    bare = re.sub(r"&#?\w+;", "", text.replace("<br>", ""))  # what is left once entities are dropped
+    for raw in ("<", ">", "|", "`", "*", "[", "]", "\n", "$", "~", "#", "&"):
+        assert raw not in bare, raw
+    assert f"| a | {text} |".count("|") == 3
+
+
+def test_report_outputs_escape_model_text(workspace):
+    report.run(_cfg())
+    page = Path("reports/report.html").read_text()
+    parser = _Tags()
+    parser.feed(page)
+    assert "script" not in parser.tags
+    assert parser.tags.count("img") == len(list(Path("reports/figures").glob("*.png")))  # the figures only
+    assert "&lt;script&gt;alert" in page and "<script>" not in page
+    md = Path("reports/summary.md").read_text()
+    assert "<script" not in md and "](javascript" not in md and "<img" not in md
+    for line in md.splitlines():
+        if line.startswith("| harmful_baseline"):
+            assert line.count("|") == 4, line  # condition | verdicts | response: no cell was split
+
+
+def test_report_picks_up_every_metrics_file_and_timings(workspace):
+    report.run(_cfg())
+    summary = json.loads(Path("reports/summary.json").read_text())
+    assert summary["metrics"]["brand_new_stage/nested/score"] == 0.75
+    assert list(summary["headline"])[:2] == ["judge/refusal_rate/harmful_baseline",
+                                             "judge/refusal_rate/harmful_ablation"]
+    assert "brand_new_stage/nested/score" not in summary["headline"]
+    # the report's own timing (from its previous run) is left out
+    assert summary["wall_seconds"] == {"select": 3.0, "judge": 1.0, "total": 4.0}
+    long = pd.read_csv("plots/report/selection_scores.csv")
+    assert set(long.metric) == {"bypass_score", "induce_score", "kl"} and long.chosen.sum() == 3
+    assert pd.read_csv("plots/report/refusal_rate.csv").refusal_rate.tolist() == [0.5] * len(CONDITIONS)
+    html = Path("reports/report.html").read_text()
+    assert "brand_new_stage/nested/score" in html and "safety/unsafe" in html
+
+
+def test_wandb_failure_is_logged_and_the_report_still_written(workspace, monkeypatch, caplog):
+    import wandb
+
+    def broken(**kwargs):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with caplog.at_level(logging.ERROR):
+        report.run(_cfg(dir=str(workspace / "wb")))
+    assert "W&B could not start" in caplog.text and "W&B is down" in caplog.text
+    assert Path("reports/report.html").exists() and Path("reports/summary.md").exists()
+
+
+def test_no_key_reaches_the_wandb_config_or_any_output(workspace, monkeypatch):
+    import wandb
+
+    seen = {}
+
+    class FakeRun:
+        dir = str(workspace / "wb" / "run" / "files")
+        id = "fake"
+        summary: dict = {}
+
+        def log(self, payload):
+            seen["log"] = payload
+
+        def log_artifact(self, artifact):
+            seen.setdefault("artifacts", []).append(artifact)
+            return artifact
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(init=kw) or FakeRun())
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    report.run(_cfg(dir=str(workspace / "wb")))
+    config = seen["init"]["config"]
+    assert config["model"]["source"]["token"] == "<redacted>" and SENTINEL not in json.dumps(config)
+    assert {"git", "dvc"} <= set(config) and config["model"]["name"]
+    model = config["model"]["name"]
+    names = [a.name for a in seen["artifacts"]]
+    assert names == [f"candidate-directions-{model}", f"refusal-direction-{model}"]
+    assert seen["artifacts"][1].metadata["derived_from"] == [seen["artifacts"][0].name]
+    logged = {"tables/completions", "tables/selection_scores", "figures/select/bypass_score"}
+    assert logged <= set(seen["log"])
+    for path in workspace.rglob("*"):
+        if path.is_file():
+            assert SENTINEL.encode() not in path.read_bytes(), path
+    assert os.environ["WANDB_API_KEY"] == SENTINEL  # the environment itself is left alone
