@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -114,13 +115,14 @@ class Runner:
 
     def _map_batches(
         self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], fn: Callable, desc: str, extra: int = 0,
-        copies: int = 1, store: Checkpoint | None = None,
+        copies: int = 1, store: Checkpoint | None = None, count_tokens: Callable[[object], int] | None = None,
     ) -> list:
         """Call ``fn(indices, bodies, prefix_len, cache)`` per batch; return results in prompt order.
 
         ``extra`` is how many tokens a call appends to each prompt (generation); ``copies`` is how many
         stacked copies of each batch ``fn`` runs (so the prefix cache gets one row per copy). With a
-        ``store``, each batch's (JSON-able) results are saved as it finishes and reused on a rerun.
+        ``store``, each batch's (JSON-able) results are saved as it finishes and reused on a rerun; with
+        ``count_tokens`` (tokens in one result) the progress bar also shows tokens per second.
         """
         if not prompts:
             return []
@@ -132,8 +134,8 @@ class Runner:
         bodies = [list(p[prefix_len:]) for p in prompts]
         results: list = [None] * len(prompts)
         pending = length_sorted_batches([len(b) for b in bodies], self.batch_size)
-        bar = tqdm(total=len(prompts), desc=desc, disable=not self.progress, leave=False)
-        restored = 0
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False)
+        restored, tokens, start = 0, 0, time.perf_counter()
         while pending:
             indices = pending.pop(0)
             key = ",".join(map(str, indices))
@@ -156,6 +158,9 @@ class Runner:
             restored += saved is not None
             for i, value in zip(indices, outputs):
                 results[i] = value
+            if count_tokens is not None:
+                tokens += sum(map(count_tokens, outputs))
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tok/s", refresh=False)
             bar.update(len(indices))
         bar.close()
         if restored:
@@ -233,7 +238,7 @@ class Runner:
                 token = out.logits[:, -1].argmax(-1)
             return [[t for t in g if t not in set(eos_ids)] for g in generated]
 
-        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store)
+        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store, count_tokens=len)
 
     @torch.inference_mode()
     def response_nll(
