@@ -50,6 +50,8 @@ def _project(tmp: Path) -> Path:
     OmegaConf.update(cfg, "eval.max_new_tokens", 4)
     OmegaConf.update(cfg, "eval.loss.max_documents", 3)
     OmegaConf.update(cfg, "eval.loss.max_length", 32)
+    OmegaConf.update(cfg, "eval.capabilities.limit", 5)
+    OmegaConf.update(cfg, "eval.over_refusal.n_prompts", 6)
     OmegaConf.update(cfg, "orthogonalize.check_prompts", 2)
     OmegaConf.update(cfg, "orthogonalize.max_kl", 1e-4)
     OmegaConf.update(cfg, "runtime", {"device": "cpu", "batch_size": 4})
@@ -78,6 +80,13 @@ def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     judge = json.loads((project / "metrics" / "judge.json").read_text())
     assert set(judge["refusal_rate"]) == {"harmful_baseline", "harmful_ablation", "harmful_subtraction",
                                           "harmless_baseline", "harmless_addition"}
+    assert json.loads((project / "metrics" / "safety.json").read_text())["judges"] == []  # none by default
+    capabilities = json.loads((project / "metrics" / "capabilities.json").read_text())
+    assert capabilities["edited_model"] == "saved"
+    assert set(capabilities["tasks"]) == {"rd_facts_mc", "rd_short_answer"}
+    assert (project / "artifacts" / "capabilities" / "orthogonalized" / "rd_short_answer.json").exists()
+    over = json.loads((project / "metrics" / "over_refusal.json").read_text())
+    assert set(over["refusal_rate"]) == {"baseline", "addition", "ablation"} and over["n_prompts"] == 6
     ortho = json.loads((project / "metrics" / "orthogonalize.json").read_text())
     assert ortho["mean_kl_vs_hooks"] < 1e-4
     assert (project / "artifacts" / "orthogonalized_model" / "config.json").exists()
