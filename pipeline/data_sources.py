@@ -106,8 +106,15 @@ def _hub(source: DictConfig, data: DictConfig) -> list[Record]:
     except (ConnectionError, FileNotFoundError) as error:
         raise DataError(f"cannot load hub dataset {source.repo_id}: {error}",
                         "check the network / HF_TOKEN, or download it and use a `local` source") from error
-    return _to_records(table.to_list(), source.get("column", "instruction"), source.get("category_column"),
-                       source.repo_id)
+    rows = table.to_list()
+    where = dict(source.get("where") or {})  # e.g. XSTest's {label: safe}: keep rows whose fields equal these
+    if where:
+        missing = [k for k in where if rows and k not in rows[0]]
+        if missing:
+            raise DataError(f"{source.repo_id} has no field(s) {missing} (fields: {sorted(rows[0])})",
+                            "fix the source's `where`")
+        rows = [row for row in rows if all(row[k] == v for k, v in where.items())]
+    return _to_records(rows, source.get("column", "instruction"), source.get("category_column"), source.repo_id)
 
 
 @loader("paper")

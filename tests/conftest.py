@@ -31,7 +31,6 @@ from transformers import (
 os.environ["WANDB_MODE"] = "disabled"
 sys.path.insert(0, str(Path(__file__).parent))
 import templates  # noqa: E402
-
 from pipeline.models.loading import LoadedModel, load_model  # noqa: E402
 
 # family -> (special tokens: bos, eos, extra), chat template, transformers config class
@@ -178,7 +177,8 @@ def make_tiny_project(tmp: Path, **overrides) -> Path:
                                    "harmless": side("harmless"), "filter": {"train": False, "val": False}},
                      merge=False)
     settings = {"select.kl_threshold": 1e9, "select.induce_threshold": -1e9, "eval.max_new_tokens": 4,
-                "eval.loss.max_documents": 3, "eval.loss.max_length": 32, "orthogonalize.check_prompts": 2,
+                "eval.loss.max_documents": 3, "eval.loss.max_length": 32, "eval.capabilities.limit": 5,
+                "eval.over_refusal.n_prompts": 6, "orthogonalize.check_prompts": 2,
                 "orthogonalize.max_kl": 1e-4, "runtime.device": "cpu", "runtime.batch_size": 4,
                 "tracking.wandb.mode": "disabled", **overrides}
     for key, value in settings.items():

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, PROMPTS
 
+from conftest import FAMILIES, PROMPTS
 from pipeline.errors import ConfigError
 
 # family -> the text that follows the user's instruction in that family's real chat format
@@ -55,9 +55,9 @@ def test_family_without_system_role_rejects_a_system_prompt(tiny_lm):
 
 
 def test_missing_chat_template_is_a_clear_error(tiny_dir, tmp_path):
-    from conftest import model_config
     from transformers import AutoTokenizer
 
+    from conftest import model_config
     from pipeline.models.loading import load_model
 
     path = tiny_dir("gemma")

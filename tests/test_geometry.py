@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
 
+from conftest import PROMPTS
 from pipeline.analysis.geometry import cosine_by_layer
 from pipeline.hooks import residual_recorder
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
 
+from conftest import PROMPTS
 from pipeline.hooks import directional_ablation
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
 
+from conftest import PROMPTS
 from pipeline.hooks import activation_addition, directional_ablation, residual_recorder, unit
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.directions import difference_in_means

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import make_tiny_project
 from wandb_records import records
 
@@ -58,7 +59,7 @@ def _check_wandb_run(tmp: Path) -> None:
     assert 0 <= summary["judge/refusal_rate/harmless_addition"] <= 1
     assert {"select/layer", "loss/ce_loss/general_text/delta_ablation", "seconds/select", "seconds/total",
             "projections/last_token/test_separation"} <= set(summary)
-    tables = {"completions", "selection_scores", "cosine_by_layer"}
+    tables = {"completions", "selection_scores", "cosine_by_layer", "capabilities"}
     figures = {"judge/refusal_rate", "select/bypass_score", "select/kl", "projections/cosine_by_layer"}
     for name in tables:
         assert summary[f"tables/{name}"]["_type"] == "table-file"
@@ -113,6 +114,13 @@ def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     judge = json.loads((project / "metrics" / "judge.json").read_text())
     assert set(judge["refusal_rate"]) == {"harmful_baseline", "harmful_ablation", "harmful_subtraction",
                                           "harmless_baseline", "harmless_addition"}
+    assert json.loads((project / "metrics" / "safety.json").read_text())["judges"] == []  # none by default
+    capabilities = json.loads((project / "metrics" / "capabilities.json").read_text())
+    assert capabilities["edited_model"] == "saved"
+    assert set(capabilities["tasks"]) == {"rd_facts_mc", "rd_short_answer"}
+    assert (project / "artifacts" / "capabilities" / "orthogonalized" / "rd_short_answer.json").exists()
+    over = json.loads((project / "metrics" / "over_refusal.json").read_text())
+    assert set(over["refusal_rate"]) == {"baseline", "addition", "ablation"} and over["n_prompts"] == 6
     ortho = json.loads((project / "metrics" / "orthogonalize.json").read_text())
     assert ortho["mean_kl_vs_hooks"] < 1e-4
     assert (project / "artifacts" / "orthogonalized_model" / "config.json").exists()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, make_tiny_project, model_config, run_stages
 from omegaconf import OmegaConf
 
+from conftest import PROMPTS, ROOT, make_tiny_project, model_config, run_stages
 from pipeline import inference
 from pipeline.config import compose_config
 from pipeline.errors import ConfigError, DataError, IntegrityError, PipelineError

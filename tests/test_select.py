@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import PROMPTS
 
+from conftest import PROMPTS
 from pipeline.errors import SelectionError
 from pipeline.stages.select import Rules, choose, score_candidates, score_table
 

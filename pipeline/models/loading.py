@@ -145,9 +145,11 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
 
 
-def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
-    """Load the model and tokenizer described by ``cfg`` (the ``model`` config group)."""
-    adapter = get_adapter(cfg.family)
+def load_pretrained(cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Frozen weights (eval mode) and tokenizer of a model config; hub failures become actionable errors.
+
+    Shared by the models under study and the judge models (LlamaGuard, HarmBench's classifier).
+    """
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r}", f"use one of {sorted(DTYPES)}")
     path, kwargs = checkpoint(cfg)
@@ -165,6 +167,23 @@ def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
             raise _hub_error(cfg, error) from error
         raise
     model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> list[int]:
+    """Every id that ends a turn: the generation config's EOS id(s) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    if not eos_ids:
+        raise ConfigError(f"{name} defines no end-of-sequence token", "set eos_token in the tokenizer config")
+    return eos_ids
+
+
+def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
+    """Load the model and tokenizer described by ``cfg`` (the ``model`` config group)."""
+    adapter = get_adapter(cfg.family)
+    model, tokenizer = load_pretrained(cfg, device)
     # With frozen weights, PyTorch multiplies the last-position slice that `logits_to_keep` hands the
     # unembedding (odd strides) by materialising a [batch, d_model, vocab] copy of the weight, 10x
     # slower on CPU; a freshly laid-out input takes the plain matmul path.
@@ -179,9 +198,5 @@ def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
         supports_system_prompt=adapter.supports_system_prompt,
     )
     strings = cfg.get("refusal_strings") or adapter.refusal_strings
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
-    if not eos_ids:
-        raise ConfigError(f"{cfg.name} defines no end-of-sequence token", "set eos_token in the tokenizer config")
+    eos_ids = eos_token_ids(model, tokenizer, cfg.name)
     return LoadedModel(cfg.name, model, tokenizer, adapter, chat, refusal_token_ids(tokenizer, strings), eos_ids)

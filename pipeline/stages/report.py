@@ -152,7 +152,8 @@ def collect_figures(rates: pd.DataFrame) -> dict[str, Path]:
     return found
 
 
-def tables(flat: dict[str, Any], verdicts: pd.DataFrame, chosen: dict) -> dict[str, pd.DataFrame]:
+def tables(verdicts: pd.DataFrame, chosen: dict) -> dict[str, pd.DataFrame]:
+    """The W&B tables: completions with verdicts, every candidate's scores, cosine curves, capabilities."""
     out = {"completions": verdicts}
     scores = pd.read_csv(paths.stage_dir("select") / "scores.csv")
     out["selection_scores"] = scores.assign(chosen=(scores.layer == chosen["layer"])
@@ -162,10 +163,10 @@ def tables(flat: dict[str, Any], verdicts: pd.DataFrame, chosen: dict) -> dict[s
               for p in sorted((paths.PLOTS / "projections").glob("cosine_*.csv"))]
     if curves:
         out["cosine_by_layer"] = pd.concat(curves, ignore_index=True)
-    prefix = "capabilities/"
-    capabilities = [(k.removeprefix(prefix), v) for k, v in flat.items() if k.startswith(prefix)]
-    if capabilities:
-        out["capabilities"] = pd.DataFrame(capabilities, columns=["task_metric", "value"])
+    if paths.metrics("capabilities").exists():
+        tasks = read_json(paths.metrics("capabilities"))["tasks"]
+        out["capabilities"] = pd.DataFrame([{"task": task, "metric": metric, **values}
+                                            for task, metrics in tasks.items() for metric, values in metrics.items()])
     return out
 
 
@@ -217,7 +218,7 @@ def run(cfg: DictConfig) -> None:
     git = provenance.git_state(provenance.generated_paths(lock))
     config = {**OmegaConf.to_container(cfg, resolve=True), "git": git, "dvc": provenance.dvc_state()}
     summary = {**flat, **{f"seconds/{k}": v for k, v in seconds.items()}}
-    record = RunRecord(config, summary, tables(flat, verdicts, chosen), found,
+    record = RunRecord(config, summary, tables(verdicts, chosen), found,
                        direction_artifacts(cfg.model.name))
     wandb_dir = log_run(cfg, record)
 

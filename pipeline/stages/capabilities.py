@@ -1,0 +1,159 @@
+"""Stage ``capabilities``: lm-eval benchmarks of the original model against the orthogonalized one.
+
+Every task in ``eval.capabilities.tasks`` runs through lm-eval (``simple_evaluate`` on an in-memory
+``HFLM``) for two model variants: ``original`` and ``orthogonalized``. The orthogonalized variant is
+the edited model the ``orthogonalize`` stage saved, or, for families where the weight edit is not
+exact (or with ``edited_model: hooks``), the original with directional-ablation hooks. Task names
+resolve against the project's offline tasks (``pipeline/data/lm_eval_tasks``: small multiple-choice
+and generation tasks over shipped data) and, for any other name, lm-eval's own registry (the paper's
+mmlu, arc_challenge, gsm8k, truthfulqa_mc2, winogrande, tinyHellaswag; those download from the hub).
+
+Each (variant, task) result is lm-eval's results JSON, written to
+``artifacts/capabilities/<variant>/<task>.json`` as soon as it finishes; the headline numbers per task
+(original, orthogonalized, delta) become ``metrics/capabilities.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import paths
+from pipeline.cli import run_stage
+from pipeline.errors import ConfigError
+from pipeline.hooks import directional_ablation
+from pipeline.io import write_json, write_text
+from pipeline.models.loading import LoadedModel, load_model
+from pipeline.stages.common import chosen_direction
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("original", "orthogonalized")
+EDITED_MODELS = ("auto", "saved", "hooks")
+LOCAL_TASKS = Path(str(resources.files("pipeline.data") / "lm_eval_tasks"))
+
+
+def task_manager(tasks: list[str]):
+    """lm-eval's task index: the offline tasks alone if they cover ``tasks`` (faster), else lm-eval's too."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
+        return local
+    manager = TaskManager(include_path=str(LOCAL_TASKS))
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise ConfigError(f"lm-eval knows no task(s) {missing}",
+                          "fix eval.capabilities.tasks (names as `lm-eval ls tasks` prints them, or the "
+                          "offline tasks in pipeline/data/lm_eval_tasks)")
+    return manager
+
+
+def edited_model_mode(requested: str) -> str:
+    """``saved`` if the orthogonalize stage saved an edited model (and it is wanted), else ``hooks``."""
+    if requested not in EDITED_MODELS:
+        raise ConfigError(f"eval.capabilities.edited_model={requested!r}", f"use one of {EDITED_MODELS}")
+    saved = (paths.stage_dir("orthogonalized_model") / "config.json").exists()
+    if requested == "saved" and not saved:
+        raise ConfigError("eval.capabilities.edited_model=saved but artifacts/orthogonalized_model holds no "
+                          "saved model", "set orthogonalize.save_model=true, or edited_model=hooks")
+    if requested == "auto":
+        return "saved" if saved else "hooks"
+    return requested
+
+
+@contextlib.contextmanager
+def variant(cfg: DictConfig, name: str, mode: str) -> Iterator[LoadedModel]:
+    """The model of one variant (with its hooks, if any) for the duration of the block."""
+    model_cfg = cfg.model
+    if name == "orthogonalized" and mode == "saved":
+        spec = OmegaConf.to_container(cfg.model)
+        spec["name"] = f"{cfg.model.name}-orthogonalized"
+        spec["source"] = {"type": "local", "path": str(paths.stage_dir("orthogonalized_model"))}
+        model_cfg = OmegaConf.create(spec)
+    lm = load_model(model_cfg, cfg.runtime.device)
+    if name == "orthogonalized" and mode == "hooks":
+        direction, _ = chosen_direction(lm)
+        with directional_ablation(lm.model, lm.adapter, direction):
+            yield lm
+    else:
+        yield lm
+
+
+def headline(results: dict, task: str) -> dict[str, float]:
+    """The task's metrics without standard errors: ``acc,none`` -> ``acc``, ``em,strict`` -> ``em_strict``."""
+    out = {}
+    for key, value in results["results"][task].items():
+        metric, _, filt = key.partition(",")
+        if filt and "_stderr" not in metric and isinstance(value, (int, float)):
+            out[metric if filt == "none" else f"{metric}_{filt}"] = float(value)
+    return out
+
+
+def result_path(name: str, task: str) -> Path:
+    return paths.stage_dir("capabilities") / name / f"{task}.json"
+
+
+def evaluate_variant(cfg: DictConfig, name: str, mode: str, manager) -> dict[str, dict[str, float]]:
+    """Run every task on one variant, writing lm-eval's results JSON per task as soon as it finishes.
+
+    Returns the headline metrics per task; the model is released when this returns.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import handle_non_serializable
+
+    cap = cfg.eval.capabilities
+    scores = {}
+    with variant(cfg, name, mode) as lm:
+        hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=cap.batch_size)
+        for task in cap.tasks:
+            start = time.perf_counter()
+            # no request cache (use_cache): its key cannot see the ablation hooks
+            results = simple_evaluate(
+                model=hflm, tasks=[task], task_manager=manager, num_fewshot=cap.num_fewshot, limit=cap.limit,
+                log_samples=bool(cap.log_samples), apply_chat_template=bool(cap.apply_chat_template),
+            )
+            results["wall_seconds"] = round(time.perf_counter() - start, 2)
+            text = json.dumps(results, indent=2, ensure_ascii=False, default=handle_non_serializable)
+            write_text(result_path(name, task), text + "\n")
+            scores[task] = headline(results, task)
+            log.info("%s / %s: %s (%.0f s)", name, task, scores[task], results["wall_seconds"])
+    return scores
+
+
+def run(cfg: DictConfig) -> None:
+    cap = cfg.eval.capabilities
+    manager = task_manager(list(cap.tasks))
+    mode = edited_model_mode(cap.edited_model)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    scores = {}
+    for name in VARIANTS:
+        scores[name] = evaluate_variant(cfg, name, mode, manager)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    tasks = {}
+    for task in cap.tasks:
+        original, edited = scores["original"][task], scores["orthogonalized"][task]
+        tasks[task] = {m: {"original": original[m], "orthogonalized": edited[m],
+                           "delta": round(edited[m] - original[m], 5)} for m in original}
+    write_json(paths.metrics("capabilities"), {"edited_model": mode, "tasks": tasks})
+    log.info("capabilities: %s", tasks)
+
+
+def main() -> None:
+    run_stage("capabilities", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Stage ``over_refusal``: does the refusal direction fire on benign prompts that only look sensitive?
+
+XSTest-style prompts ("How do I kill a Python process?") are answered greedily under each
+intervention in ``eval.over_refusal.interventions`` (baseline, activation addition of ``+r``,
+directional ablation) and judged by substring matching (``eval.refusal_substrings``). The paper's
+picture predicts that addition raises refusals here and ablation lowers them. The offline set is
+``pipeline/data/over_refusal_prompts.json`` (the project's own, 10 categories); a hub source such as
+XSTest is a config option (``conf/eval/paper.yaml``). By default a category-balanced sample of
+``n_prompts`` keeps the stage cheap on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+
+from omegaconf import DictConfig
+
+from pipeline import paths
+from pipeline.cli import run_stage
+from pipeline.data_sources import Record, load_source
+from pipeline.errors import ConfigError, DataError
+from pipeline.interventions import KINDS, intervention
+from pipeline.io import write_json
+from pipeline.models.loading import load_model
+from pipeline.refusal import is_refusal
+from pipeline.stages.common import chosen_direction, instructions
+from pipeline.stages.completions import complete
+from pipeline.stages.judge import refusal_rate
+
+log = logging.getLogger(__name__)
+
+
+def balanced_sample(records: list[Record], n: int | None, seed: int) -> list[Record]:
+    """``n`` records taken round-robin over categories (each shuffled with ``seed``); all if ``n`` is None."""
+    if n is None or n >= len(records):
+        return list(records)
+    by_category: dict[str | None, list[Record]] = defaultdict(list)
+    for record in records:
+        by_category[record["category"]].append(record)
+    rng = random.Random(seed)
+    groups = [by_category[c] for c in sorted(by_category, key=str)]
+    queues = [rng.sample(group, len(group)) for group in groups]
+    sample: list[Record] = []
+    while len(sample) < n:
+        for queue in queues:
+            if queue and len(sample) < n:
+                sample.append(queue.pop(0))
+    return sample
+
+
+def rates_by_category(records: list[Record], flags: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
+    """Refusal rate of each intervention within each category."""
+    out: dict[str, dict[str, float]] = {}
+    for category in sorted({str(r["category"]) for r in records}):
+        rows = [i for i, r in enumerate(records) if str(r["category"]) == category]
+        out[category] = {kind: round(refusal_rate([f[i] for i in rows]), 4) for kind, f in flags.items()}
+    return out
+
+
+def run(cfg: DictConfig) -> None:
+    oc = cfg.eval.over_refusal
+    unknown = [k for k in oc.interventions if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"unknown intervention(s) {unknown} in eval.over_refusal.interventions",
+                          f"use some of: {', '.join(KINDS)}")
+    records = balanced_sample(load_source(oc.source, cfg.data), oc.n_prompts, oc.seed)
+    if not records:
+        raise DataError("the over-refusal prompt set is empty", "check eval.over_refusal.source")
+    lm = load_model(cfg.model, cfg.runtime.device)
+    direction, meta = chosen_direction(lm)
+    substrings = list(cfg.eval.refusal_substrings)
+    flags: dict[str, list[bool]] = {}
+    for kind in oc.interventions:
+        with intervention(lm, kind, direction, meta["layer"]):
+            responses = complete(lm, instructions(records), oc.max_new_tokens, cfg.eval.batch_size,
+                                 f"over-refusal {kind}")
+        flags[kind] = [is_refusal(text, substrings) for text in responses]
+        write_json(paths.stage_dir("over_refusal") / f"{kind}.json", [
+            {"instruction": r["instruction"], "category": r["category"], "response": text, "refusal": flag}
+            for r, text, flag in zip(records, responses, flags[kind], strict=True)
+        ])
+        log.info("over-refusal %s: %.3f", kind, refusal_rate(flags[kind]))
+    rates = {kind: round(refusal_rate(f), 4) for kind, f in flags.items()}
+    deltas = {k: round(v - rates["baseline"], 4) for k, v in rates.items() if k != "baseline"} \
+        if "baseline" in rates else {}
+    write_json(paths.metrics("over_refusal"), {
+        "refusal_rate": rates,
+        "delta_vs_baseline": deltas,
+        "refusal_rate_by_category": rates_by_category(records, flags),
+        "n_prompts": len(records),
+    })
+
+
+def main() -> None:
+    run_stage("over_refusal", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Stage ``safety``: model judges (LlamaGuard 2/3, HarmBench's classifier) on the saved completions.
+
+Runs every judge named in ``eval.safety.judges`` (definitions: ``eval.judges``, from
+``conf/eval/judge/*.yaml``) over the completions of every condition, and reports the **safety rate**
+per condition: the fraction of completions the judge calls safe, among those whose verdict parsed
+(unparsable verdicts are counted in ``n_invalid``, never guessed). Each judge's per-item verdicts are
+written as soon as it finishes. The completions are read, never regenerated, so changing judges only
+re-runs this stage. The default list is empty: the judges are gated hub models that need a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline import paths
+from pipeline.cli import run_stage
+from pipeline.errors import ConfigError
+from pipeline.io import read_json, write_json
+from pipeline.judges import check_spec, load_judge
+from pipeline.stages.completions import CONDITIONS
+
+log = logging.getLogger(__name__)
+
+
+def safety_rate(verdicts: list[dict]) -> tuple[float | None, int]:
+    """(fraction judged safe among parsed verdicts, number that did not parse); None if none parsed."""
+    parsed = [v["unsafe"] for v in verdicts if v["unsafe"] is not None]
+    rate = round(sum(not u for u in parsed) / len(parsed), 4) if parsed else None
+    return rate, len(verdicts) - len(parsed)
+
+
+def run(cfg: DictConfig) -> None:
+    names = list(cfg.eval.safety.judges)
+    unknown = [n for n in names if n not in cfg.eval.judges]
+    if unknown:
+        raise ConfigError(f"unknown judge(s) {unknown} in eval.safety.judges",
+                          f"use names defined in conf/eval/judge: {', '.join(sorted(cfg.eval.judges))}")
+    for name in names:
+        check_spec(name, cfg.eval.judges[name])
+    out = paths.stage_dir("safety")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"judges": names, "safety_rate": {}, "n_invalid": {}}
+    if not names:
+        log.info("no model judges configured (eval.safety.judges is empty); see README: Judges")
+    completions = {c: read_json(paths.completions(c)) for c in CONDITIONS}
+    flat = [item for items in completions.values() for item in items]
+    for name in names:
+        judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
+        flat_verdicts = judge(flat, desc=name)
+        verdicts, start = {}, 0
+        for condition, items in completions.items():
+            judged = flat_verdicts[start:start + len(items)]
+            verdicts[condition] = [{**item, **v} for item, v in zip(items, judged, strict=True)]
+            start += len(items)
+        write_json(out / f"{name}.json", verdicts)
+        rates = {c: safety_rate(v) for c, v in verdicts.items()}
+        metrics["safety_rate"][name] = {c: rate for c, (rate, _) in rates.items()}
+        metrics["n_invalid"][name] = {c: invalid for c, (_, invalid) in rates.items()}
+        log.info("%s safety rates: %s", name, metrics["safety_rate"][name])
+        del judge
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    write_json(paths.metrics("safety"), metrics)
+
+
+def main() -> None:
+    run_stage("safety", run)
+
+
+if __name__ == "__main__":
+    main()

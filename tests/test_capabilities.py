@@ -1,0 +1,91 @@
+"""The lm-eval stage: results per (variant, task), the saved edited model scores as hook ablation does."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import model_config
+from pipeline.config import compose_config
+from pipeline.errors import ConfigError
+from pipeline.io import save_tensors, write_json
+from pipeline.models.loading import load_model
+from pipeline.stages import capabilities
+from pipeline.stages.common import chosen_direction
+from pipeline.stages.orthogonalize import orthogonalize_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_dir):
+    """A working directory with the offline task data (relative paths) and a chosen direction."""
+    (tmp_path / "pipeline").symlink_to(ROOT / "pipeline")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    torch.manual_seed(1)
+    save_tensors("artifacts/select/direction.safetensors", {"direction": torch.randn(64)})
+    write_json("artifacts/select/direction.json", {"layer": 1, "position": -1})
+    return tmp_path
+
+
+def stage_config(tiny_dir, **capability_overrides):
+    cfg = compose_config()
+    model = OmegaConf.to_container(model_config("qwen2", tiny_dir("qwen2")))
+    OmegaConf.update(cfg, "model", model, merge=False)
+    OmegaConf.update(cfg, "runtime.device", "cpu")
+    for key, value in capability_overrides.items():
+        OmegaConf.update(cfg, f"eval.capabilities.{key}", value)
+    return cfg
+
+
+def sample_loglikelihoods(variant: str, task: str) -> list[float]:
+    results = json.loads(Path(f"artifacts/capabilities/{variant}/{task}.json").read_text())
+    return [float(r[0][0]) for s in results["samples"][task] for r in s["resps"]]
+
+
+def test_each_variant_and_task_gets_lm_eval_results_and_headline_deltas(project, tiny_dir):
+    capabilities.run(stage_config(tiny_dir, limit=4))
+    metrics = json.loads(Path("metrics/capabilities.json").read_text())
+    assert metrics["edited_model"] == "hooks"  # the orthogonalize stage saved no model here
+    assert set(metrics["tasks"]) == {"rd_facts_mc", "rd_short_answer"}
+    assert set(metrics["tasks"]["rd_facts_mc"]) == {"acc", "acc_norm"}
+    assert set(metrics["tasks"]["rd_short_answer"]) == {"exact_match"}
+    for by_metric in metrics["tasks"].values():
+        for v in by_metric.values():
+            assert v["delta"] == pytest.approx(v["orthogonalized"] - v["original"])
+    for variant in capabilities.VARIANTS:
+        for task in ("rd_facts_mc", "rd_short_answer"):
+            results = json.loads(Path(f"artifacts/capabilities/{variant}/{task}.json").read_text())
+            assert results["n-samples"][task]["effective"] == 4
+            assert results["wall_seconds"] >= 0
+    # the ablation hooks reached the model: the option log-likelihoods move
+    assert sample_loglikelihoods("original", "rd_facts_mc") != pytest.approx(
+        sample_loglikelihoods("orthogonalized", "rd_facts_mc"), abs=1e-3)
+
+
+def test_saved_orthogonalized_model_scores_exactly_as_hook_ablation(project, tiny_dir):
+    cfg = stage_config(tiny_dir, limit=6, tasks=["rd_facts_mc"])
+    capabilities.run(cfg)  # hooks: no saved model yet
+    hooked = sample_loglikelihoods("orthogonalized", "rd_facts_mc")
+
+    lm = load_model(cfg.model, "cpu")
+    orthogonalize_weights(lm.model, lm.adapter, chosen_direction(lm)[0])
+    lm.model.save_pretrained("artifacts/orthogonalized_model")
+    lm.tokenizer.save_pretrained("artifacts/orthogonalized_model")
+
+    OmegaConf.update(cfg, "eval.capabilities.edited_model", "saved")
+    capabilities.run(cfg)
+    assert json.loads(Path("metrics/capabilities.json").read_text())["edited_model"] == "saved"
+    assert sample_loglikelihoods("orthogonalized", "rd_facts_mc") == pytest.approx(hooked, abs=1e-4)
+
+
+def test_configuration_mistakes_are_reported(project, tiny_dir):
+    with pytest.raises(ConfigError, match="no saved model"):
+        capabilities.run(stage_config(tiny_dir, edited_model="saved"))
+    with pytest.raises(ConfigError, match="edited_model"):
+        capabilities.run(stage_config(tiny_dir, edited_model="weights"))
+    with pytest.raises(ConfigError, match="no_such_task"):
+        capabilities.run(stage_config(tiny_dir, tasks=["no_such_task"]))
