@@ -29,6 +29,9 @@ from transformers import (
 
 # Tests never talk to W&B unless a test opts in (the end-to-end test logs offline in a subprocess).
 os.environ["WANDB_MODE"] = "disabled"
+# Subprocess tests call `dvc`, whose stage commands call `python`: both must be this interpreter's
+# (a fresh CI machine runs `.venv/bin/pytest` without the venv on PATH).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 sys.path.insert(0, str(Path(__file__).parent))
 import templates  # noqa: E402
 from pipeline.models.loading import LoadedModel, load_model  # noqa: E402
