@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 
 from conftest import HARMFUL, PROMPTS, run_stages
 from pipeline.analysis import gcg
@@ -143,11 +145,17 @@ def test_head_readout_refuses_attention_implementations_without_probabilities(ti
         head_readout(lm, lm.encode(PROMPTS[:1]), torch.ones(lm.d_model), batch_size=1)
 
 
-def test_analysis_is_off_by_default_and_on_with_the_suffix_option():
+def test_analysis_is_off_by_default_and_dvc_exp_run_s_analysis_suffix_turns_it_on(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    from pipeline.config import CONF_DIR
+
     assert compose_config().analysis.enabled is False
-    enabled = compose_config(["analysis=suffix"]).analysis
-    assert enabled.enabled is True
-    assert {k: v for k, v in compose_config().analysis.items() if k not in ("name", "enabled")} == \
+    compose_and_dump(tmp_path / "params.yaml", str(CONF_DIR), None, "config", str(tmp_path), ["analysis=suffix"])
+    enabled = yaml.safe_load((tmp_path / "params.yaml").read_text())["analysis"]  # what `dvc exp run -S` writes
+    assert enabled["enabled"] is True
+    off = OmegaConf.to_container(compose_config().analysis)
+    assert {k: v for k, v in off.items() if k not in ("name", "enabled")} == \
         {k: v for k, v in enabled.items() if k not in ("name", "enabled")}
 
 
