@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
@@ -77,9 +78,10 @@ def histograms(values: dict[str, list[float]], style: Callable[[str], tuple[str,
                path: Path) -> None:
     """Overlaid histograms of one scalar per prompt, one per prompt set (``style`` gives the colour)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    bins = np.histogram_bin_edges([x for xs in values.values() for x in xs], bins=40)  # shared, so sets compare
     for name, xs in values.items():
         color, dashes = style(name)
-        ax.hist(xs, bins=20, histtype="step", linestyle=dashes, color=color, linewidth=1.5, label=name)
+        ax.hist(xs, bins=bins, histtype="step", linestyle=dashes, color=color, linewidth=1.5, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("prompts")
     ax.set_title(title, fontsize=9)
