@@ -10,6 +10,7 @@ decides whether to refuse. Every prompt is encoded as ``prefix_ids + body + suff
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jinja2
@@ -95,8 +96,13 @@ class ChatFormat:
         """Readable labels of the post-instruction tokens, e.g. ``['<|im_end|>', '\\n', ...]``."""
         return [self.tokenizer.decode([t]) for t in self.suffix_ids]
 
-    def encode(self, instructions: list[str]) -> list[list[int]]:
-        """Token ids of each prompt: shared prefix, instruction, post-instruction tokens."""
+    def encode(self, instructions: list[str], suffix_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Token ids of each prompt: shared prefix, instruction, ``suffix_ids``, post-instruction tokens.
+
+        ``suffix_ids`` (an adversarial suffix, say) are token ids appended after the instruction's own
+        tokens, so a suffix found by token-level search is used exactly as found: re-tokenizing its text
+        together with the instruction could merge tokens across the boundary.
+        """
         heads = self.tokenizer([self.prefix_text + s for s in instructions], add_special_tokens=False).input_ids
         n = len(self.prefix_ids)
         out = []
@@ -106,7 +112,7 @@ class ChatFormat:
                     f"the tokenizer merged the chat prefix into the instruction {instruction[:60]!r}",
                     "strip leading whitespace from instructions, or set model.chat_template",
                 )
-            out.append(head + list(self.suffix_ids))
+            out.append(head + list(suffix_ids) + list(self.suffix_ids))
         return out
 
     def encode_responses(self, instructions: list[str], responses: list[str]) -> list[tuple[list[int], int]]:

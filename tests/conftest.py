@@ -205,3 +205,11 @@ def run_stages(project: Path, *stages: str, **overrides) -> None:
             importlib.import_module(f"pipeline.stages.{stage}").run(cfg)
     finally:
         os.chdir(here)
+
+
+@pytest.fixture(scope="module")
+def selected_project(tmp_path_factory):
+    """A tiny project with a direction selected (stages data..select run), one per test module."""
+    project = make_tiny_project(tmp_path_factory.mktemp("selected"))
+    run_stages(project, "data", "filter", "activations", "directions", "select")
+    return project

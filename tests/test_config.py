@@ -19,7 +19,7 @@ def test_committed_params_yaml_is_the_default_composition():
         "params.yaml is stale: run `python -m pipeline.config`"
 
 
-@pytest.mark.parametrize("group", ["model", "data", "select", "eval"])
+@pytest.mark.parametrize("group", ["model", "data", "select", "eval", "analysis"])
 def test_every_option_composes(group):
     for option in available(group):
         cfg = compose_config([f"{group}={option}"])

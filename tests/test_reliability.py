@@ -85,13 +85,6 @@ def test_every_example_filtered_out_is_a_clear_error(tmp_path):
     assert (project / "artifacts" / "data" / "harmful_train.json").exists()  # finished work is kept
 
 
-@pytest.fixture(scope="module")
-def selected_project(tmp_path_factory):
-    project = make_tiny_project(tmp_path_factory.mktemp("selected"))
-    run_stages(project, "data", "filter", "activations", "directions", "select")
-    return project
-
-
 def test_direction_of_another_width_is_rejected(selected_project, monkeypatch):
     from pipeline.io import save_tensors
     from pipeline.stages.common import chosen_direction

@@ -65,6 +65,14 @@ class ModelAdapter:
         """Modules whose output is added straight into the residual stream."""
         return [block.self_attn, block.mlp]
 
+    def attention(self, block: nn.Module) -> nn.Module:
+        """The self-attention module (its forward returns ``(output, attention probabilities or None)``)."""
+        return block.self_attn
+
+    def attention_output(self, block: nn.Module) -> nn.Linear:
+        """The attention's output projection: its input is the heads' outputs, concatenated."""
+        return block.self_attn.o_proj
+
     def output_projections(self, block: nn.Module) -> list[nn.Linear]:
         """Linear layers whose output rows live in the residual stream (for weight orthogonalization)."""
         return [block.self_attn.o_proj, block.mlp.down_proj]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,8 @@ class LoadedModel:
         return Runner(self.model, pad_id=pad if pad is not None else self.eos_ids[0], batch_size=batch_size,
                       progress=progress)
 
-    def encode(self, instructions: list[str]) -> list[list[int]]:
-        return self.chat.encode(instructions)
+    def encode(self, instructions: list[str], suffix_ids: Sequence[int] = ()) -> list[list[int]]:
+        return self.chat.encode(instructions, suffix_ids)
 
 
 def resolve_device(device: str) -> str:

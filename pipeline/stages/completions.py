@@ -34,9 +34,14 @@ CONDITIONS = {
 def complete(lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str,
              store: Checkpoint | None = None) -> list[str]:
     """Greedy completions, decoded and stripped; ``store`` makes finished batches survive a kill."""
+    return complete_ids(lm, lm.encode(texts), max_new_tokens, batch_size, desc, store)
+
+
+def complete_ids(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str,
+                 store: Checkpoint | None = None) -> list[str]:
+    """``complete`` for prompts already encoded (``lm.encode``, e.g. with an adversarial suffix's ids)."""
     runner = lm.runner(batch_size)
-    tokens = runner.generate(lm.encode(texts), lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc,
-                             store=store)
+    tokens = runner.generate(prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc, store=store)
     return [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 

@@ -32,15 +32,19 @@ PROMPT_SETS = {
 PLOT_DIR = paths.PLOTS / "projections"
 
 
-def long_table(cosines: dict, labels: list[str]) -> pd.DataFrame:
-    """One row per (prompt set, prompt, position, layer) from ``{set: [prompts, positions, layers]}``."""
+def long_table(cosines: dict, labels: list[str], projections: dict | None = None) -> pd.DataFrame:
+    """One row per (prompt set, prompt, position, layer) from ``{set: [prompts, positions, layers]}``
+    (plus a ``projection`` column from ``projections``, same shape, when given)."""
     n_pos = len(labels)
     frames = []
     for name, values in cosines.items():
         n, _, n_sites = values.shape
         index = pd.MultiIndex.from_product([range(n), range(-n_pos, 0), range(n_sites)],
                                            names=["prompt", "position", "layer"])
-        frame = pd.DataFrame({"cosine": values.reshape(-1).numpy()}, index=index).reset_index()
+        columns = {"cosine": values.reshape(-1).numpy()}
+        if projections is not None:
+            columns["projection"] = projections[name].reshape(-1).numpy()
+        frame = pd.DataFrame(columns, index=index).reset_index()
         frame.insert(0, "prompt_set", name)
         frame.insert(3, "position_label", [labels[p] for p in frame.position])
         frames.append(frame)
@@ -53,10 +57,11 @@ def curves(table: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(["mean", "std"]).reset_index()
 
 
-def wide(summary: pd.DataFrame, position: int) -> pd.DataFrame:
-    """``layer`` plus one mean-cosine column per prompt set, at one position (a DVC line plot)."""
+def wide(summary: pd.DataFrame, position: int, sets: list[str] | None = None) -> pd.DataFrame:
+    """``layer`` plus one mean-cosine column per prompt set (default ``PROMPT_SETS``), at one position
+    (a DVC line plot)."""
     at = summary[summary.position == position]
-    return at.pivot(index="layer", columns="prompt_set", values="mean")[list(PROMPT_SETS)].reset_index()
+    return at.pivot(index="layer", columns="prompt_set", values="mean")[sets or list(PROMPT_SETS)].reset_index()
 
 
 def run(cfg: DictConfig) -> None:
