@@ -79,7 +79,7 @@ def _get(tree: dict, dotted: str):
 
 
 def runs_from_dirs(roots: Iterable[Path]) -> list[Run]:
-    """Every run under ``roots`` (sweep or job folders): finished ones, and failed sweep jobs with their reason."""
+    """Every run under ``roots`` (sweep or job folders): finished ones, and failed jobs with their reason."""
     runs = []
     for root in roots:
         for params_file in sorted(root.rglob("params.yaml")):
@@ -102,10 +102,14 @@ def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
 
     def add(entry: dict) -> None:
         data = entry.get("data") or {}
-        metrics = {m: (data.get("metrics") or {}).get(str(paths.metrics(m)), {}).get("data") for m in METRIC_FILES}
+        metrics = {
+            m: (data.get("metrics") or {}).get(str(paths.metrics(m)), {}).get("data") for m in METRIC_FILES
+        }
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if params and all(metrics.values()):
-            runs.append(Run(f"dvc:{entry.get('name') or data.get('rev') or entry.get('rev')}", params, metrics))
+            runs.append(
+                Run(f"dvc:{entry.get('name') or data.get('rev') or entry.get('rev')}", params, metrics)
+            )
 
     for record in records:
         add(record)
@@ -116,10 +120,17 @@ def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
 
 
 def runs_from_dvc(repo: Path) -> list[Run]:
-    result = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=repo, capture_output=True,
-                            text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    result = subprocess.run(
+        ["dvc", "exp", "show", "--json", "--all-commits"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
     if result.returncode != 0:
-        raise PipelineError(f"dvc exp show failed: {result.stderr.strip()[-500:]}", "run it inside the DVC repository")
+        raise PipelineError(
+            f"dvc exp show failed: {result.stderr.strip()[-500:]}", "run it inside the DVC repository"
+        )
     return runs_from_dvc_exp_show(json.loads(result.stdout))
 
 
@@ -127,7 +138,9 @@ def table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
         row = {"model": run.params["model"]["name"], "data": run.params["data"]["name"], "run": run.source}
-        row.update({column: _get(run.metrics.get(stage, {}), key) for column, (stage, key) in COLUMNS.items()})
+        row.update(
+            {column: _get(run.metrics.get(stage, {}), key) for column, (stage, key) in COLUMNS.items()}
+        )
         rows.append({**row, "status": run.status})
     return pd.DataFrame(rows, columns=["model", "data", *COLUMNS, "run", "status"])
 
@@ -138,9 +151,22 @@ def markdown(frame: pd.DataFrame) -> str:
             return "–"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    header = ["model", "data", "refusal: harmful", "harmful + ablation", "harmless", "harmless + addition",
-              "KL (ablation, harmless)", "ΔCE ablation (text)", "ΔCE ablation (completions)", "layer",
-              "layer / depth", "position", "run", "status"]
+    header = [
+        "model",
+        "data",
+        "refusal: harmful",
+        "harmful + ablation",
+        "harmless",
+        "harmless + addition",
+        "KL (ablation, harmless)",
+        "ΔCE ablation (text)",
+        "ΔCE ablation (completions)",
+        "layer",
+        "layer / depth",
+        "position",
+        "run",
+        "status",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(cell(row[c]) for c in frame.columns) + " |")
@@ -150,14 +176,18 @@ def markdown(frame: pd.DataFrame) -> str:
 def labels(frame: pd.DataFrame) -> list[str]:
     """Model names, with the data set added where one model appears more than once."""
     dup = frame.model.duplicated(keep=False)
-    return [f"{m}\n({d}, {i})" if is_dup else m for i, (m, d, is_dup) in
-            enumerate(zip(frame.model, frame.data, dup, strict=True))]
+    return [
+        f"{m}\n({d}, {i})" if is_dup else m
+        for i, (m, d, is_dup) in enumerate(zip(frame.model, frame.data, dup, strict=True))
+    ]
 
 
 def bar_chart(frame: pd.DataFrame, out: Path) -> None:
     """The paper's headline figure: refusal rate per model, without vs with each intervention."""
     panels = list(dict.fromkeys(panel for panel, _, _ in BARS.values()))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.6 * len(frame) * len(panels)), 4.2), sharey=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(max(6.0, 1.6 * len(frame) * len(panels)), 4.2), sharey=True
+    )
     names = labels(frame)
     for ax, panel in zip(axes, panels, strict=True):
         bars = [(label, column) for p, label, column in BARS.values() if p == panel]
@@ -165,8 +195,13 @@ def bar_chart(frame: pd.DataFrame, out: Path) -> None:
         for i, (label, column) in enumerate(bars):
             xs = [x + (i - (len(bars) - 1) / 2) * width for x in range(len(frame))]
             values = frame[column].astype(float).fillna(0.0)
-            ax.bar(xs, values, width, label=label, color="#9e9e9e" if i == 0 else "#d62728" if "ablation" in label
-                   else "#1f77b4")
+            ax.bar(
+                xs,
+                values,
+                width,
+                label=label,
+                color="#9e9e9e" if i == 0 else "#d62728" if "ablation" in label else "#1f77b4",
+            )
         ax.set_xticks(range(len(frame)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(panel)
@@ -183,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="*", type=Path, help="sweep or job folders (e.g. runs/cpu)")
-    parser.add_argument("--dvc-exps", action="store_true", help="include every DVC experiment of this repository")
+    parser.add_argument(
+        "--dvc-exps", action="store_true", help="include every DVC experiment of this repository"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/comparison"), help="output folder")
     args = parser.parse_args(argv)
     runs = runs_from_dirs(args.dirs) + (runs_from_dvc(Path.cwd()) if args.dvc_exps else [])

@@ -59,7 +59,9 @@ def job_dir(model: str, data: str, overrides: str) -> str:
     The full overrides are in the job's ``.hydra/overrides.yaml``.
     """
     if len(overrides) > MAX_OVERRIDES_CHARS:
-        overrides = f"{overrides[:MAX_OVERRIDES_CHARS - 9]}~{hashlib.sha256(overrides.encode()).hexdigest()[:8]}"
+        overrides = (
+            f"{overrides[: MAX_OVERRIDES_CHARS - 9]}~{hashlib.sha256(overrides.encode()).hexdigest()[:8]}"
+        )
     return f"{model}__{data}__{overrides}" if overrides else f"{model}__{data}"
 
 
@@ -86,8 +88,11 @@ def _producer(dep: str) -> str | None:
 
 
 def _content_hash(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        if path.is_dir()
         else [path]
+    )
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
@@ -96,7 +101,7 @@ def _content_hash(path: Path) -> str:
 
 
 def fingerprint(stage: str, cfg: DictConfig, upstream: dict[str, str]) -> str:
-    """What the stage's result depends on, per ``dvc.yaml``: params keys, code/data content, upstream results."""
+    """What the stage's result depends on per ``dvc.yaml``: params keys, code and data, upstream results."""
     spec = dvc_stages()[stage]
     params = {}
     for key in spec.get("params", []):
@@ -109,7 +114,9 @@ def fingerprint(stage: str, cfg: DictConfig, upstream: dict[str, str]) -> str:
             code[dep] = _content_hash(ROOT / dep)
         else:
             inputs[producer] = upstream[producer]
-    blob = json.dumps({"stage": stage, "params": params, "code": code, "inputs": inputs}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"stage": stage, "params": params, "code": code, "inputs": inputs}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -135,8 +142,16 @@ def run_stages(cfg: DictConfig, stages: Iterable[str] = STAGES) -> dict[str, str
         try:
             timed(stage, importlib.import_module(f"pipeline.stages.{stage}").run, cfg)
         except PipelineError as error:
-            write_json(STATUS, {"status": "failed", "stage": stage, "error": error.problem, "fix": error.fix,
-                                "stages": done})
+            write_json(
+                STATUS,
+                {
+                    "status": "failed",
+                    "stage": stage,
+                    "error": error.problem,
+                    "fix": error.fix,
+                    "stages": done,
+                },
+            )
             raise
         finally:
             gc.collect()
@@ -151,8 +166,12 @@ def run_stages(cfg: DictConfig, stages: Iterable[str] = STAGES) -> dict[str, str
 def _absolute_paths(node, base: Path):
     """Copy of a config container with relative values of ``PATH_KEYS`` made absolute against ``base``."""
     if isinstance(node, dict):
-        return {k: str(base / v) if k in PATH_KEYS and isinstance(v, str) and not Path(v).expanduser().is_absolute()
-                else _absolute_paths(v, base) for k, v in node.items()}
+        return {
+            k: str(base / v)
+            if k in PATH_KEYS and isinstance(v, str) and not Path(v).expanduser().is_absolute()
+            else _absolute_paths(v, base)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_absolute_paths(v, base) for v in node]
     return node
@@ -174,8 +193,9 @@ def main(cfg: DictConfig) -> dict[str, str]:
     try:
         lock.acquire(timeout=0)
     except Timeout as error:
-        raise ConfigError(f"another job is running in {Path.cwd()}", "wait for it, or give this sweep another "
-                          "sweep.name") from error
+        raise ConfigError(
+            f"another job is running in {Path.cwd()}", "wait for it, or give this sweep another sweep.name"
+        ) from error
     try:
         write_text(PARAMS_FILE, job_params(cfg, launch_dir))
         result = run_stages(load_params(PARAMS_FILE))

@@ -20,8 +20,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class QWenConfig(PretrainedConfig):
     model_type = "qwen"
 
-    def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=256, layer_norm_epsilon=1e-6, **kwargs):
+    def __init__(
+        self,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.intermediate_size, self.layer_norm_epsilon = intermediate_size, layer_norm_epsilon
@@ -98,7 +106,9 @@ class QWenLMHeadModel(PreTrainedModel):
         mask = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
-        mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)  # padded rows attend to themselves
+        mask = mask | torch.eye(
+            t, dtype=torch.bool, device=input_ids.device
+        )  # padded rows attend to themselves
         hidden = self.transformer.wte(input_ids)
         for block in self.transformer.h:
             hidden = block(hidden, attention_mask=mask)[0]

@@ -56,7 +56,7 @@ def test_ablation_leaves_no_component_along_r_at_any_layer(tiny_lm, family):
     assert all((w @ u).abs().max() < 1e-4 * max(1.0, float(w.norm(dim=-1).max())) for w in writes)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma3-mm", "mistral", "qwen"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("layer", [0, 2, 4])
 def test_activation_addition_adds_exactly_the_vector_at_its_layer(tiny_lm, family, layer):
     lm = tiny_lm(family)

@@ -1,6 +1,4 @@
-"""Model configs: every paper model and modern family is pinned, loads with the right switches, and sizes batches."""
-
-from pathlib import Path
+"""Model configs: the paper's models and modern families are pinned, load as configured, size batches."""
 
 import pytest
 import yaml
@@ -10,19 +8,37 @@ from transformers import Qwen2Config
 from pipeline.config import CONF_DIR, available
 from pipeline.errors import ConfigError
 from pipeline.models.adapters import ADAPTERS
-from pipeline.models.loading import AUTO_MAX_BATCH, CPU_BATCH_SIZE, COMMIT, auto_batch_size, checkpoint, rows_that_fit
+from pipeline.models.loading import (
+    AUTO_MAX_BATCH,
+    COMMIT,
+    CPU_BATCH_SIZE,
+    auto_batch_size,
+    checkpoint,
+    rows_that_fit,
+)
 
 PAPER_13 = {
-    "Qwen/Qwen-1_8B-Chat", "Qwen/Qwen-7B-Chat", "Qwen/Qwen-14B-Chat", "Qwen/Qwen-72B-Chat",
-    "01-ai/Yi-6B-Chat", "01-ai/Yi-34B-Chat", "google/gemma-2b-it", "google/gemma-7b-it",
-    "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-70b-chat-hf",
-    "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-70B-Instruct",
+    "Qwen/Qwen-1_8B-Chat",
+    "Qwen/Qwen-7B-Chat",
+    "Qwen/Qwen-14B-Chat",
+    "Qwen/Qwen-72B-Chat",
+    "01-ai/Yi-6B-Chat",
+    "01-ai/Yi-34B-Chat",
+    "google/gemma-2b-it",
+    "google/gemma-7b-it",
+    "meta-llama/Llama-2-7b-chat-hf",
+    "meta-llama/Llama-2-13b-chat-hf",
+    "meta-llama/Llama-2-70b-chat-hf",
+    "meta-llama/Meta-Llama-3-8B-Instruct",
+    "meta-llama/Meta-Llama-3-70B-Instruct",
 }
 MODERN_FAMILIES = {"qwen2.5", "llama3", "gemma2", "gemma3", "mistral"}
 
 
 def _configs() -> dict[str, dict]:
-    return {name: yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text()) for name in available("model")}
+    return {
+        name: yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text()) for name in available("model")
+    }
 
 
 def test_every_paper_model_and_modern_family_has_a_config():
@@ -58,7 +74,9 @@ def test_cpu_sweep_lists_the_embedded_models():
 
 
 def _hub(revision, **extra):
-    return OmegaConf.create({"name": "m", "source": {"type": "hub", "repo_id": "org/m", "revision": revision, **extra}})
+    return OmegaConf.create(
+        {"name": "m", "source": {"type": "hub", "repo_id": "org/m", "revision": revision, **extra}}
+    )
 
 
 @pytest.mark.parametrize("revision", ["main", None, "v1.0", "c3db800"])
@@ -83,13 +101,25 @@ def test_auto_batch_size_is_fixed_on_cpu(tiny_lm):
 
 def test_auto_batch_size_follows_free_memory_and_model_size():
     """A Qwen2.5-1.5B-shaped model in bfloat16: KV 28 KiB + activations + logits per token."""
-    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936)
+    config = Qwen2Config(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    )
     per_row = 2 * (2 * 28 * 2 * 128 + 4 * 1536 + 3 * 8960 + 151936) * 512
     assert rows_that_fit(config, 2, int(64 * per_row / 0.8)) == 64
     assert rows_that_fit(config, 2, int(100 * per_row / 0.8)) == 64  # powers of two
     assert rows_that_fit(config, 2, int(per_row / 2)) == 1  # never below one row
     assert rows_that_fit(config, 2, 10**15) == AUTO_MAX_BATCH
-    bigger = Qwen2Config(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                         num_key_value_heads=8, vocab_size=151936)
+    bigger = Qwen2Config(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=151936,
+    )
     assert rows_that_fit(bigger, 2, 40 * 2**30) < rows_that_fit(config, 2, 40 * 2**30)
