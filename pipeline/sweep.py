@@ -206,4 +206,8 @@ def main(cfg: DictConfig) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the function of the importable module, not of ``__main__``: parallel launchers (joblib, submitit)
+    # pickle the job function and its helpers by module name for their worker processes.
+    from pipeline.sweep import main as importable_main
+
+    importable_main()
