@@ -12,9 +12,10 @@ as ``dvc repro`` does in the repository (``params.yaml``, ``artifacts/``, ``metr
 Re-running a job reuses what it already computed: after each stage the job stamps a fingerprint of
 what ``dvc.yaml`` says the stage depends on (its params keys, the content of its code and data
 deps, and the fingerprints of the stages whose outputs it reads). A stage whose stamp matches and
-whose outputs exist is skipped, so changing ``eval.max_new_tokens`` re-runs completions and what
-follows, never the activations. Launchers (``hydra/launcher=parallel`` for joblib, ``slurm`` for a
-cluster) only change where jobs run.
+whose outputs exist is skipped: re-running a sweep after changing an evaluation setting in its sweep
+config (or in ``conf/``) re-runs completions and what follows, never the activations. A failed job
+leaves ``status.json`` saying which stage failed and why. Launchers (``hydra/launcher=parallel`` for
+joblib, ``slurm`` for a cluster) only change where jobs run.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ STAMPS = Path(".stamps")
 STATUS = Path("status.json")
 # Config keys holding paths; relative ones are taken from where the sweep was launched, not the job folder.
 PATH_KEYS = {"path", "mirror", "dir"}
-
-
 MAX_OVERRIDES_CHARS = 80  # longer override lists are shortened to a prefix + hash (file names have limits)
 
 
