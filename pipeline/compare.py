@@ -97,25 +97,32 @@ def runs_from_dirs(roots: Iterable[Path]) -> list[Run]:
 
 
 def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
-    """Runs from ``dvc exp show --json``: the workspace, each baseline commit and its experiments."""
+    """Runs from ``dvc exp show --json``: the workspace, each baseline commit and its experiments.
+
+    Queued and running experiments are left out (a running one already shows its partial metrics);
+    failed ones are listed as failed.
+    """
     runs = []
 
-    def add(entry: dict) -> None:
+    def add(entry: dict, state: str | None = None) -> None:
         data = entry.get("data") or {}
         metrics = {
             m: (data.get("metrics") or {}).get(str(paths.metrics(m)), {}).get("data") for m in METRIC_FILES
         }
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-        if params and all(metrics.values()):
+        source = f"dvc:{entry.get('name') or data.get('rev') or entry.get('rev')}"
+        if params and state == "failed":
             runs.append(
-                Run(f"dvc:{entry.get('name') or data.get('rev') or entry.get('rev')}", params, metrics)
+                Run(source, params, {m: v for m, v in metrics.items() if v}, "failed (dvc queue logs)")
             )
+        elif params and state not in ("queued", "running") and all(metrics.values()):
+            runs.append(Run(source, params, metrics))
 
     for record in records:
         add(record)
         for group in record.get("experiments") or []:
             for rev in group.get("revs") or []:
-                add(rev)
+                add(rev, (group.get("executor") or {}).get("state"))
     return runs
 
 

@@ -92,19 +92,29 @@ def test_comparison_reads_dvc_experiments():
             },
         }
 
+    def group(name, model, metrics, state=None):
+        return {
+            "name": name,
+            "executor": {"state": state} if state else None,
+            "revs": [entry(name, model, metrics)],
+        }
+
     records = [
         {
             **entry(None, "base", {}),
             "experiments": [
-                {"revs": [entry("exp-one", "model-a", _metrics(0.9, 0.1, 0.0, 0.8))]},
-                {"revs": [entry("exp-two", "model-b", _metrics(0.5, 0.0, 0.0, 0.5))]},
+                group("exp-one", "model-a", _metrics(0.9, 0.1, 0.0, 0.8)),
+                group("exp-two", "model-b", _metrics(0.5, 0.0, 0.0, 0.5), "success"),
+                group("exp-running", "model-c", _metrics(0.5, 0.0, 0.0, 0.5), "running"),
+                group("exp-failed", "model-d", {"select": _metrics(1, 0, 0, 1)["select"]}, "failed"),
             ],
         }
     ]
     runs = runs_from_dvc_exp_show(records)
-    assert [(r.source, r.params["model"]["name"]) for r in runs] == [
-        ("dvc:exp-one", "model-a"),
-        ("dvc:exp-two", "model-b"),
+    assert [(r.source, r.params["model"]["name"], r.status) for r in runs] == [
+        ("dvc:exp-one", "model-a", "finished"),
+        ("dvc:exp-two", "model-b", "finished"),
+        ("dvc:exp-failed", "model-d", "failed (dvc queue logs)"),
     ]
     assert table([Run("x", runs[0].params, runs[0].metrics)]).iloc[0].refusal_harmful_ablation == 0.1
 
