@@ -6,12 +6,17 @@ paper's *post-instruction positions*: identical for every prompt and the place w
 decides whether to refuse. Every prompt is encoded as ``prefix_ids + body + suffix_ids``, where
 ``prefix_ids`` is shared by all prompts (so its key/value cache can be computed once) and
 ``suffix_ids`` are those post-instruction tokens.
+
+Rendering a finished assistant turn the same way gives the template's end-of-turn token (e.g.
+``<|im_end|>``, ``<end_of_turn>``), which some checkpoints (Gemma 1, Qwen 1) do not list as an
+end-of-sequence token in their generation config; generation must stop there too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.errors import ConfigError
 
 PLACEHOLDER = "INSTRUCTION_PLACEHOLDER_7F3A"
+RESPONSE_PLACEHOLDER = "RESPONSE_PLACEHOLDER_7F3A"
+_MARKER = re.compile(r"<[^<>\s]+>|\[/?[A-Z_]+\]")  # <|im_end|>, <end_of_turn>, </s>, [/INST]
 _PROBES = ("Hello there.", "Write a poem.", "1 + 1 = ?")
 
 
@@ -30,6 +37,22 @@ def _common_prefix(sequences: list[list[int]]) -> list[int]:
     return list(shortest)
 
 
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, messages: list[dict], extra: dict) -> tuple[int, ...]:
+    """The control token the template puts right after an assistant's reply (``<|im_end|>``), if any.
+
+    A marker such as ``<end_of_turn>`` that the tokenizer encodes as one token is a control token;
+    remote-code tokenizers (Qwen 1) do not list theirs as special tokens, so this does not ask.
+    """
+    turn = [*messages, {"role": "assistant", "content": RESPONSE_PLACEHOLDER}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False, **extra)
+    except jinja2.TemplateError:  # a template that cannot render a finished turn has no such token
+        return ()
+    marker = _MARKER.match(text.split(RESPONSE_PLACEHOLDER)[-1].lstrip(" ")) if RESPONSE_PLACEHOLDER in text else None
+    ids = tokenizer(marker.group(0), add_special_tokens=False).input_ids if marker else []
+    return tuple(ids) if len(ids) == 1 else ()
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """A tokenizer plus the fixed text and tokens around every instruction."""
@@ -39,6 +62,7 @@ class ChatFormat:
     suffix_text: str
     prefix_ids: tuple[int, ...]
     suffix_ids: tuple[int, ...]
+    end_of_turn_ids: tuple[int, ...] = field(default=())
 
     @classmethod
     def from_tokenizer(
@@ -47,7 +71,10 @@ class ChatFormat:
         system_prompt: str | None = None,
         fallback_template: str | None = None,
         supports_system_prompt: bool = True,
+        template_kwargs: Mapping | None = None,
     ) -> ChatFormat:
+        """``template_kwargs`` pin template variables, e.g. Llama 3.1+'s ``date_string``, which the
+        template otherwise takes from today's date (the prompt would change from day to day)."""
         if tokenizer.chat_template is None:
             if fallback_template is None:
                 raise ConfigError(
@@ -63,8 +90,9 @@ class ChatFormat:
         messages = [{"role": "user", "content": PLACEHOLDER}]
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
+        extra = dict(template_kwargs or {})
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         except jinja2.TemplateError as error:
             raise ConfigError(f"the chat template failed to render: {error}", "check model.system_prompt and "
                               "model.chat_template") from error
@@ -86,7 +114,8 @@ class ChatFormat:
             raise ConfigError("the tokenizer merges the instruction's last token with the post-instruction text",
                               "set model.chat_template so the instruction is followed by a special token or space")
         suffix_ids = full[len(heads[0]):]
-        return cls(tokenizer, prefix_text, suffix_text, tuple(prefix_ids), tuple(suffix_ids))
+        return cls(tokenizer, prefix_text, suffix_text, tuple(prefix_ids), tuple(suffix_ids),
+                   _end_of_turn(tokenizer, messages, extra))
 
     @property
     def n_post_instruction(self) -> int:

@@ -33,17 +33,23 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def timed(name: str, fn: Callable[[DictConfig], None], cfg: DictConfig) -> float:
+    """Run stage ``fn`` on ``cfg`` and record its wall time (and any OOM batch back-offs) next to its outputs."""
+    start = time.perf_counter()
+    OOM_BACKOFFS.clear()  # stages of a sweep job share one process: count this stage's back-offs only
+    fn(cfg)
+    seconds = time.perf_counter() - start
+    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2), "oom_backoffs": OOM_BACKOFFS})
+    logging.getLogger(name).info("stage %s finished in %.1f s", name, seconds)
+    return seconds
+
+
 def run_stage(name: str, fn: Callable[[DictConfig], None]) -> None:
     """Run stage ``fn`` as a program: see the module docstring."""
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start = time.perf_counter()
     try:
-        cfg = load_params(overrides=sys.argv[1:])
-        fn(cfg)
+        timed(name, fn, load_params(overrides=sys.argv[1:]))
     except PipelineError as error:
         console.print(f"[bold red]error in stage {name}:[/] {error}")
         sys.exit(2)
-    seconds = time.perf_counter() - start
-    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2), "oom_backoffs": OOM_BACKOFFS})
-    logging.getLogger(name).info("stage %s finished in %.1f s", name, seconds)

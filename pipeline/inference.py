@@ -201,10 +201,13 @@ class Runner:
         eos_ids: Sequence[int],
         desc: str = "generate",
         store: Checkpoint | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
     ) -> list[list[int]]:
         """Greedy continuation of each prompt; rows that emit an EOS token leave the batch.
 
-        With a ``store`` (a Checkpoint), finished batches survive an interrupted run.
+        ``stop(tokens)`` ends a row early once its generated tokens settle what is being measured (a
+        refusal phrase has appeared, say). With a ``store`` (a Checkpoint), finished batches survive an
+        interrupted run.
         """
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
@@ -219,6 +222,8 @@ class Runner:
                 for row, tok in zip(alive.tolist(), token.tolist()):
                     generated[row].append(tok)
                 finished = torch.isin(token, eos)
+                if stop is not None:
+                    finished |= torch.tensor([stop(generated[row]) for row in alive.tolist()], device=self.device)
                 if step == max_new_tokens - 1 or bool(finished.all()):
                     break
                 if bool(finished.any()):

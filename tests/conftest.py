@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -21,8 +23,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
+    MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -33,18 +38,48 @@ os.environ["WANDB_MODE"] = "disabled"
 # (a fresh CI machine runs `.venv/bin/pytest` without the venv on PATH).
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 sys.path.insert(0, str(Path(__file__).parent))
+from qwen1 import QWenConfig  # noqa: E402  (registers the Qwen-1 stand-in with the Auto classes)
+
 import templates  # noqa: E402
 from pipeline.models.loading import LoadedModel, load_model  # noqa: E402
 
-# family -> (special tokens: bos, eos, extra), chat template, transformers config class
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny checkpoint recipe: adapter family, special tokens, real chat template, config class."""
+
+    family: str
+    specials: tuple[str, str, tuple[str, ...]]  # bos, eos, extra special tokens
+    template: str | None  # None: the tokenizer ships none (the adapter's fallback is used)
+    config: type
+    config_kwargs: dict = field(default_factory=dict)
+
+
+_GEMMA = ("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>"))
+_CHATML = ("<|endoftext|>", "<|im_end|>", ("<|im_start|>",))
+_LLAMA3 = ("<|begin_of_text|>", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>"))
+_GEMMA_DIMS = {"head_dim": 16, "query_pre_attn_scalar": 16}
+_TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "image_size": 28, "patch_size": 14}
+
+# name -> recipe. The name is what tests parametrize over; `family` is the model.family it loads as.
 FAMILIES = {
-    "qwen2": (("<|endoftext|>", "<|im_end|>", ["<|im_start|>"]), templates.QWEN2_5, Qwen2Config),
-    "llama3": (("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]),
-               templates.LLAMA3, LlamaConfig),
-    "llama2": (("<s>", "</s>", []), None, LlamaConfig),  # no template: the adapter's Llama-2 fallback
-    "smollm2": (("<|im_start|>", "<|im_end|>", []), templates.SMOLLM2, LlamaConfig),
-    "gemma": (("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]), templates.GEMMA, GemmaConfig),
-    "gemma2": (("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]), templates.GEMMA, Gemma2Config),
+    "qwen2": Family("qwen2", _CHATML, templates.QWEN2_5, Qwen2Config),
+    "llama3": Family("llama3", _LLAMA3, templates.LLAMA3, LlamaConfig),
+    "llama3.2": Family("llama3", _LLAMA3, templates.LLAMA3_2, LlamaConfig),
+    "llama2": Family("llama2", ("<s>", "</s>", ()), None, LlamaConfig),
+    "mistral": Family("mistral", ("<s>", "</s>", ("[INST]", "[/INST]")), templates.MISTRAL_V3, MistralConfig),
+    "yi": Family("yi", ("<|startoftext|>", "<|im_end|>", ("<|im_start|>",)), templates.YI, LlamaConfig),
+    "smollm2": Family("smollm2", ("<|im_start|>", "<|im_end|>", ()), templates.SMOLLM2, LlamaConfig),
+    "gemma": Family("gemma", _GEMMA, templates.GEMMA, GemmaConfig, {"head_dim": 16}),
+    "gemma2": Family("gemma2", _GEMMA, templates.GEMMA, Gemma2Config, {**_GEMMA_DIMS, "sliding_window": 32}),
+    "gemma3": Family("gemma3", _GEMMA, templates.GEMMA3, Gemma3TextConfig, {**_GEMMA_DIMS, "sliding_window": 32}),
+    # Gemma 3 4B-27B: multimodal checkpoint, the text decoder at model.language_model
+    "gemma3-mm": Family("gemma3", _GEMMA, templates.GEMMA3, Gemma3Config,
+                        {"text": {**_GEMMA_DIMS, "sliding_window": 32}, "vision_config": _TINY_VISION,
+                         "mm_tokens_per_image": 4}),
+    # Qwen 1: remote code, no chat template and no <|im_end|> end-of-sequence token in the checkpoint
+    "qwen": Family("qwen", ("<|extra_0|>", "<|endoftext|>", ("<|im_start|>", "<|im_end|>")), None, QWenConfig),
 }
 
 
@@ -56,8 +91,9 @@ def _corpus() -> list[str]:
     return [r["instruction"] for r in json.loads(path.read_text())] + words
 
 
-def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    (bos, eos, extra), template, _ = FAMILIES[family]
+def build_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    recipe = FAMILIES[name]
+    bos, eos, extra = recipe.specials
     specials = [bos, eos, *extra, "<pad>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,22 +102,22 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token="<pad>",
-                                   additional_special_tokens=extra)
-    fast.chat_template = template
+                                   additional_special_tokens=list(extra))
+    fast.chat_template = recipe.template
     return fast
 
 
-def build_model(family: str, vocab_size: int, n_layers: int = 4, tie: bool = False, seed: int = 0):
-    config_cls = FAMILIES[family][2]
-    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=tie)
-    if config_cls in (GemmaConfig, Gemma2Config):
-        kwargs["head_dim"] = 16
-    if config_cls is Gemma2Config:
-        kwargs.update(sliding_window=32, query_pre_attn_scalar=16)
+def build_model(name: str, vocab_size: int, n_layers: int = 4, tie: bool = False, seed: int = 0):
+    recipe = FAMILIES[name]
+    dims = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    kwargs = dict(recipe.config_kwargs)
+    if "text" in kwargs:  # multimodal: the text decoder's dimensions go into text_config
+        config = recipe.config(text_config={**dims, **kwargs.pop("text")}, tie_word_embeddings=tie, **kwargs)
+    else:
+        config = recipe.config(**dims, **kwargs, tie_word_embeddings=tie)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config_cls(**kwargs), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger-than-default weights so interventions visibly move the logits
         for p in model.parameters():
             if p.dim() == 2:
@@ -89,18 +125,19 @@ def build_model(family: str, vocab_size: int, n_layers: int = 4, tie: bool = Fal
     return model
 
 
-def save_tiny(family: str, path: Path, tie: bool = False, n_layers: int = 4) -> Path:
-    tokenizer = build_tokenizer(family)
-    model = build_model(family, len(tokenizer), n_layers=n_layers, tie=tie)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+def save_tiny(name: str, path: Path, tie: bool = False, n_layers: int = 4) -> Path:
+    tokenizer = build_tokenizer(name)
+    model = build_model(name, len(tokenizer), n_layers=n_layers, tie=tie)
+    if getattr(model, "generation_config", None) is not None:  # remote-code models may have none
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def model_config(family: str, path: Path, **overrides) -> OmegaConf:
-    cfg = {"name": f"tiny-{family}", "family": family, "source": {"type": "local", "path": str(path)},
+def model_config(name: str, path: Path, **overrides) -> OmegaConf:
+    cfg = {"name": f"tiny-{name}", "family": FAMILIES[name].family, "source": {"type": "local", "path": str(path)},
            "dtype": "float32", "device_map": None, "trust_remote_code": False, "system_prompt": None,
            "chat_template": None, "refusal_strings": None}
     cfg.update(overrides)
@@ -109,13 +146,13 @@ def model_config(family: str, path: Path, **overrides) -> OmegaConf:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """``tiny_dir(family, tie=False)`` -> a saved tiny checkpoint (built once per session)."""
+    """``tiny_dir(name, tie=False)`` -> a saved tiny checkpoint (built once per session)."""
     built: dict[tuple, Path] = {}
 
-    def make(family: str, tie: bool = False) -> Path:
-        key = (family, tie)
+    def make(name: str, tie: bool = False) -> Path:
+        key = (name, tie)
         if key not in built:
-            built[key] = save_tiny(family, tmp_path_factory.mktemp(f"{family}{'-tied' if tie else ''}"), tie=tie)
+            built[key] = save_tiny(name, tmp_path_factory.mktemp(f"{name}{'-tied' if tie else ''}"), tie=tie)
         return built[key]
 
     return make
@@ -123,10 +160,10 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_dir):
-    """``tiny_lm(family, tie=False)`` -> a LoadedModel of a tiny random checkpoint (fresh each call)."""
+    """``tiny_lm(name, tie=False)`` -> a LoadedModel of a tiny random checkpoint (fresh each call)."""
 
-    def make(family: str, tie: bool = False, **overrides) -> LoadedModel:
-        return load_model(model_config(family, tiny_dir(family, tie), **overrides), device="cpu")
+    def make(name: str, tie: bool = False, **overrides) -> LoadedModel:
+        return load_model(model_config(name, tiny_dir(name, tie), **overrides), device="cpu")
 
     return make
 
@@ -152,14 +189,27 @@ HARMLESS = PROMPTS + ["Name a fruit.", "Describe a sunset.", "List three colours
                       "Suggest a name for a cat.", "Translate 'hello' into French."]
 
 
-def make_tiny_project(tmp: Path, **overrides) -> Path:
-    """A copy of the project (code, conf, dvc.yaml) whose params.yaml runs a tiny model on tiny data.
+# Settings that keep every stage tiny and let every candidate direction pass selection.
+TINY_SETTINGS = {"select.kl_threshold": 1e9, "select.induce_threshold": -1e9, "eval.max_new_tokens": 4,
+                 "eval.loss.max_documents": 3, "eval.loss.max_length": 32, "eval.capabilities.limit": 5,
+                 "eval.over_refusal.n_prompts": 6, "orthogonalize.check_prompts": 2,
+                 "orthogonalize.max_kl": 1e-4, "runtime.device": "cpu", "runtime.batch_size": 4,
+                 "tracking.wandb.mode": "disabled"}
 
-    ``overrides`` are dotted config keys, e.g. ``{"eval.max_new_tokens": 16}``.
-    """
+
+def tiny_data() -> dict:
+    """The ``data`` config of a tiny project: its local instruction files, 4/3/3 prompts per side, no filter."""
+
+    def side(name: str) -> dict:
+        return {"pool": {"type": "local", "path": f"data/{name}.json"}, "sizes": {"train": 4, "val": 3, "test": 3}}
+
+    return {"name": "tiny", "seed": 0, "harmful": side("harmful"), "harmless": side("harmless"),
+            "filter": {"train": False, "val": False}}
+
+
+def copy_project(tmp: Path) -> tuple[Path, Path]:
+    """A copy of the project (code, conf, dvc.yaml) with tiny instruction files; returns (project, model dir)."""
     import shutil
-
-    from pipeline.config import compose_config, render_params
 
     project = tmp / "project"
     project.mkdir(parents=True)
@@ -169,25 +219,47 @@ def make_tiny_project(tmp: Path, **overrides) -> Path:
     (project / "data").mkdir()
     (project / "data" / "harmful.json").write_text(json.dumps([{"instruction": h} for h in HARMFUL]))
     (project / "data" / "harmless.json").write_text(json.dumps([{"instruction": p} for p in HARMLESS]))
-    model_dir = save_tiny("qwen2", tmp / "tiny-qwen2", n_layers=3)
-    cfg = compose_config()
-    OmegaConf.update(cfg, "model", OmegaConf.to_container(model_config("qwen2", model_dir)), merge=False)
+    return project, save_tiny("qwen2", tmp / "tiny-qwen2", n_layers=3)
 
-    def side(name: str) -> dict:
-        return {"pool": {"type": "local", "path": f"data/{name}.json"}, "sizes": {"train": 4, "val": 3, "test": 3}}
 
-    OmegaConf.update(cfg, "data", {"name": "tiny", "seed": 0, "harmful": side("harmful"),
-                                   "harmless": side("harmless"), "filter": {"train": False, "val": False}},
-                     merge=False)
-    settings = {"select.kl_threshold": 1e9, "select.induce_threshold": -1e9, "eval.max_new_tokens": 4,
-                "eval.loss.max_documents": 3, "eval.loss.max_length": 32, "eval.capabilities.limit": 5,
-                "eval.over_refusal.n_prompts": 6, "orthogonalize.check_prompts": 2,
-                "orthogonalize.max_kl": 1e-4, "runtime.device": "cpu", "runtime.batch_size": 4,
-                "tracking.wandb.mode": "disabled", **overrides}
+def nested(settings: dict) -> OmegaConf:
+    """Dotted keys (``{"eval.max_new_tokens": 4}``) as a nested config."""
+    cfg = OmegaConf.create()
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def make_tiny_project(tmp: Path, **overrides) -> Path:
+    """A project copy whose params.yaml runs a tiny model on tiny data.
+
+    ``overrides`` are dotted config keys, e.g. ``{"eval.max_new_tokens": 16}``.
+    """
+    from pipeline.config import compose_config, render_params
+
+    project, model_dir = copy_project(tmp)
+    cfg = compose_config()
+    OmegaConf.update(cfg, "model", OmegaConf.to_container(model_config("qwen2", model_dir)), merge=False)
+    OmegaConf.update(cfg, "data", tiny_data(), merge=False)
+    cfg = OmegaConf.merge(cfg, nested({**TINY_SETTINGS, **overrides}))
     (project / "params.yaml").write_text(render_params(cfg))
     return project
+
+
+def subprocess_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for `dvc`/sweep subprocesses: caches under ``tmp``, a git identity, and no W&B settings
+    (the project's ``tracking.wandb`` config decides; tiny projects disable it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "REFUSAL_CACHE": str(tmp / "cache"), "DVC_NO_ANALYTICS": "1", "HF_DATASETS_CACHE": str(tmp / "hf"),
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t", **extra}
+
+
+def run_ok(cmd: list[str], cwd: Path, env: dict) -> str:
+    """Run ``cmd``; fail the test with its output tails unless it succeeds. Returns stdout + stderr."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
 
 
 def run_stages(project: Path, *stages: str, **overrides) -> None:

@@ -55,6 +55,37 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm, family):
     assert len(got[0]) == 1  # stopped at its end-of-sequence token, which is not returned
 
 
+def test_stop_ends_only_the_rows_it_names_and_keeps_their_tokens_so_far(tiny_lm):
+    lm = tiny_lm("qwen2")
+    ids = lm.encode(PROMPTS)
+    runner = lm.runner(batch_size=3, progress=False)
+    full = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens=8, eos_ids=[-1])
+    marked = full[0][0]  # rows opening with this token stop after 3 tokens, the others run on
+    stopped = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens=8, eos_ids=[-1],
+                              stop=lambda tokens: len(tokens) >= 3 and tokens[0] == marked)
+    expected = [f[:3] if f[0] == marked else f for f in full]
+    assert stopped == expected and any(len(s) == 8 for s in stopped)
+
+
+def test_completions_stop_at_refusal_phrases_unless_a_model_judge_reads_them(tiny_lm):
+    from omegaconf import OmegaConf
+
+    from pipeline.refusal import is_refusal
+    from pipeline.stages.completions import complete, stop_phrases
+
+    eval_cfg = {"stop_at_refusal": True, "refusal_substrings": ["I cannot"], "safety": {"judges": []}}
+    assert stop_phrases(OmegaConf.create({"eval": eval_cfg})) == ["I cannot"]
+    assert stop_phrases(OmegaConf.create({"eval": {**eval_cfg, "safety": {"judges": ["llamaguard2"]}}})) == []
+    assert stop_phrases(OmegaConf.create({"eval": {**eval_cfg, "stop_at_refusal": False}})) == []
+
+    lm = tiny_lm("qwen2")
+    full = complete(lm, PROMPTS, 12, 2, "full")
+    phrase = full[1].split()[1]  # a "refusal phrase" the tiny model writes in its second word for prompt 1
+    stopped = complete(lm, PROMPTS, 12, 2, "stopped", stop_at=[phrase])
+    assert [is_refusal(t, [phrase]) for t in stopped] == [is_refusal(t, [phrase]) for t in full]
+    assert len(stopped[1]) < len(full[1]) and stopped[1] == full[1][: len(stopped[1])]
+
+
 def test_response_nll_matches_manual_cross_entropy(tiny_lm):
     lm = tiny_lm("qwen2")
     pairs = lm.chat.encode_responses(PROMPTS[:3], ["Sure, here it is.", "Paris.", "Leaves fall softly."])

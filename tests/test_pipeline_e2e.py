@@ -5,23 +5,15 @@ run back (its record log and files), renders every DVC plot, and checks no file 
 """
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_tiny_project
+from conftest import make_tiny_project, run_ok, subprocess_env
 from wandb_records import records
 
 SENTINEL = "e2e-sentinel-key-0123456789"
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result.stdout + result.stderr
 
 
 def _offline_run(tmp: Path) -> tuple[Path, dict]:
@@ -80,11 +72,11 @@ def _check_wandb_run(tmp: Path) -> None:
 def _check_dvc_views(project: Path, env: dict) -> None:
     import vl_convert
 
-    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], project, env).strip().splitlines()[-1])
+    metrics = json.loads(run_ok(["dvc", "metrics", "show", "--json"], project, env).strip().splitlines()[-1])
     shown = json.dumps(metrics)
     for key in ("harmless_addition", "delta_ablation", "test_separation", "mean_kl_vs_hooks"):
         assert key in shown, key
-    shown = _run(["dvc", "plots", "show", "--json"], project, env)
+    shown = run_ok(["dvc", "plots", "show", "--json"], project, env)
     plots = json.loads(shown.strip().splitlines()[-1])["data"]
     assert {"selection_scores", "refusal_rate", "cosine_last_token", "plots/select/kl.png"} <= set(plots)
     for name, items in plots.items():
@@ -92,7 +84,7 @@ def _check_dvc_views(project: Path, env: dict) -> None:
             if item["type"] == "vega":
                 assert item["content"]["data"]["values"], name
                 assert vl_convert.vegalite_to_svg(item["content"]).count("<path") > 3, name  # drew marks
-    _run(["dvc", "plots", "show"], project, env)
+    run_ok(["dvc", "plots", "show"], project, env)
     assert "vegaEmbed" in (project / "dvc_plots" / "index.html").read_text()
 
 
@@ -100,15 +92,11 @@ def _check_dvc_views(project: Path, env: dict) -> None:
 def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     project = make_tiny_project(tmp_path, **{"tracking.wandb.mode": "offline",
                                              "tracking.wandb.dir": str(tmp_path / "wandb-runs")})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update({"REFUSAL_CACHE": str(tmp_path / "cache"), "DVC_NO_ANALYTICS": "1",
-                "HF_DATASETS_CACHE": str(tmp_path / "hf"), "WANDB_API_KEY": SENTINEL, "HF_TOKEN": SENTINEL,
-                **{f"WANDB_{d}_DIR": str(tmp_path / f"wandb-{d}") for d in ("DATA", "CACHE", "CONFIG")},
-                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t"})
-    _run(["git", "init", "-q"], project, env)
-    _run(["dvc", "init", "-q"], project, env)
-    out = _run(["dvc", "repro"], project, env)
+    env = subprocess_env(tmp_path, WANDB_API_KEY=SENTINEL, HF_TOKEN=SENTINEL,
+                         **{f"WANDB_{d}_DIR": str(tmp_path / f"wandb-{d}") for d in ("DATA", "CACHE", "CONFIG")})
+    run_ok(["git", "init", "-q"], project, env)
+    run_ok(["dvc", "init", "-q"], project, env)
+    out = run_ok(["dvc", "repro"], project, env)
     for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
         assert f"Running stage '{stage}'" in out
     judge = json.loads((project / "metrics" / "judge.json").read_text())
@@ -131,6 +119,6 @@ def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file() and "cache" not in path.relative_to(tmp_path).parts[0]:
             assert SENTINEL.encode() not in path.read_bytes(), path
-    again = _run(["dvc", "repro"], project, env)
+    again = run_ok(["dvc", "repro"], project, env)
     assert "Running stage" not in again
     assert "Data and pipelines are up to date" in again

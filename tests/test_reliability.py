@@ -43,9 +43,10 @@ def test_unreachable_hub_model_says_how_to_run_offline(monkeypatch):
         load_model(cfg, device="cpu")
 
 
-def test_unpinned_hub_model_is_refused():
-    cfg = model_config("llama3", "unused", source={"type": "hub", "repo_id": "x/y", "revision": None})
-    with pytest.raises(ConfigError, match="pinned revision"):
+@pytest.mark.parametrize("revision", [None, "main"])
+def test_unpinned_hub_model_is_refused(revision):
+    cfg = model_config("llama3", "unused", source={"type": "hub", "repo_id": "x/y", "revision": revision})
+    with pytest.raises(ConfigError, match="not pinned to a commit"):
         load_model(cfg, device="cpu")
 
 

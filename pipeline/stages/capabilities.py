@@ -19,6 +19,7 @@ import contextlib
 import gc
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from importlib import resources
@@ -40,16 +41,32 @@ log = logging.getLogger(__name__)
 VARIANTS = ("original", "orthogonalized")
 EDITED_MODELS = ("auto", "saved", "hooks")
 LOCAL_TASKS = Path(str(resources.files("pipeline.data") / "lm_eval_tasks"))
+TASK_DATA_PREFIX = "pipeline/data/lm_eval_tasks"  # how the shipped task YAMLs name their data files
 
 
-def task_manager(tasks: list[str]):
-    """lm-eval's task index: the offline tasks alone if they cover ``tasks`` (faster), else lm-eval's too."""
+@contextlib.contextmanager
+def offline_tasks() -> Iterator[Path]:
+    """The offline task YAMLs, with their data files as absolute paths, in a folder for the block.
+
+    The shipped YAMLs name their data relative to the project root (readable as written); a stage may
+    run elsewhere (a sweep job runs in its own folder), so lm-eval gets copies pointing at the files.
+    """
+    with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as tmp:
+        for spec in LOCAL_TASKS.glob("*.yaml"):
+            text = spec.read_text().replace(f"{TASK_DATA_PREFIX}/", f"{LOCAL_TASKS.as_posix()}/")
+            (Path(tmp) / spec.name).write_text(text)
+        yield Path(tmp)
+
+
+def task_manager(tasks: list[str], include: Path):
+    """lm-eval's task index: the offline tasks (in ``include``) alone if they cover ``tasks`` (faster),
+    else lm-eval's registry too."""
     from lm_eval.tasks import TaskManager
 
-    local = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+    local = TaskManager(include_path=str(include), include_defaults=False)
     if all(t in local.all_tasks for t in tasks):
         return local
-    manager = TaskManager(include_path=str(LOCAL_TASKS))
+    manager = TaskManager(include_path=str(include))
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise ConfigError(f"lm-eval knows no task(s) {missing}",
@@ -133,15 +150,16 @@ def evaluate_variant(cfg: DictConfig, name: str, mode: str, manager) -> dict[str
 
 def run(cfg: DictConfig) -> None:
     cap = cfg.eval.capabilities
-    manager = task_manager(list(cap.tasks))
     mode = edited_model_mode(cap.edited_model)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     scores = {}
-    for name in VARIANTS:
-        scores[name] = evaluate_variant(cfg, name, mode, manager)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with offline_tasks() as include:
+        manager = task_manager(list(cap.tasks), include)
+        for name in VARIANTS:
+            scores[name] = evaluate_variant(cfg, name, mode, manager)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     tasks = {}
     for task in cap.tasks:
         original, edited = scores["original"][task], scores["orthogonalized"][task]

@@ -26,7 +26,7 @@ from pipeline.io import write_json
 from pipeline.models.loading import load_model
 from pipeline.refusal import is_refusal
 from pipeline.stages.common import chosen_direction, instructions
-from pipeline.stages.completions import complete
+from pipeline.stages.completions import complete, stop_phrases
 from pipeline.stages.judge import refusal_rate
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> None:
     for kind in oc.interventions:
         with intervention(lm, kind, direction, meta["layer"]):
             responses = complete(lm, instructions(records), oc.max_new_tokens, cfg.eval.batch_size,
-                                 f"over-refusal {kind}")
+                                 f"over-refusal {kind}", stop_at=stop_phrases(cfg))
         flags[kind] = [is_refusal(text, substrings) for text in responses]
         write_json(paths.stage_dir("over_refusal") / f"{kind}.json", [
             {"instruction": r["instruction"], "category": r["category"], "response": text, "refusal": flag}

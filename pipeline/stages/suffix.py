@@ -31,7 +31,7 @@ from pipeline.io import atomic_path, read_json, write_json
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.refusal import is_refusal, refusal_scores
 from pipeline.stages.common import instructions, read_split
-from pipeline.stages.completions import complete_ids
+from pipeline.stages.completions import complete_ids, stop_phrases
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> None:
         logits = runner.last_logits(prompts.ids, lm.chat.prefix_ids, desc=f"refusal score {name}")
         scores[name] = round(float(refusal_scores(logits, lm.refusal_ids).mean()), 4)
         responses = complete_ids(lm, prompts.ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, name,
-                                 checkpoint.scope(name))
+                                 checkpoint.scope(name), stop_phrases(cfg))
         refused[name] = [is_refusal(r, substrings) for r in responses]
         verdicts[name] = [{"instruction": i, "response": r, "refusal": f}
                           for i, r, f in zip(prompts.instructions, responses, refused[name])]

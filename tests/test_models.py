@@ -1,0 +1,125 @@
+"""Model configs: the paper's models and modern families are pinned, load as configured, size batches."""
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from transformers import Qwen2Config
+
+from pipeline.config import CONF_DIR, available
+from pipeline.errors import ConfigError
+from pipeline.models.adapters import ADAPTERS
+from pipeline.models.loading import (
+    AUTO_MAX_BATCH,
+    COMMIT,
+    CPU_BATCH_SIZE,
+    auto_batch_size,
+    checkpoint,
+    rows_that_fit,
+)
+
+PAPER_13 = {
+    "Qwen/Qwen-1_8B-Chat",
+    "Qwen/Qwen-7B-Chat",
+    "Qwen/Qwen-14B-Chat",
+    "Qwen/Qwen-72B-Chat",
+    "01-ai/Yi-6B-Chat",
+    "01-ai/Yi-34B-Chat",
+    "google/gemma-2b-it",
+    "google/gemma-7b-it",
+    "meta-llama/Llama-2-7b-chat-hf",
+    "meta-llama/Llama-2-13b-chat-hf",
+    "meta-llama/Llama-2-70b-chat-hf",
+    "meta-llama/Meta-Llama-3-8B-Instruct",
+    "meta-llama/Meta-Llama-3-70B-Instruct",
+}
+MODERN_FAMILIES = {"qwen2.5", "llama3", "gemma2", "gemma3", "mistral"}
+
+
+def _configs() -> dict[str, dict]:
+    return {
+        name: yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text()) for name in available("model")
+    }
+
+
+def test_every_paper_model_and_modern_family_has_a_config():
+    configs = _configs()
+    hub = {c["source"]["repo_id"] for c in configs.values() if c["source"]["type"] == "hub"}
+    assert PAPER_13 <= hub
+    assert MODERN_FAMILIES <= {c["family"] for c in configs.values()}
+    assert {c["source"]["type"] for c in configs.values()} >= {"hub", "pypi_gguf"}
+    assert all(c["family"] in ADAPTERS for c in configs.values())
+
+
+@pytest.mark.parametrize("name", available("model"))
+def test_hub_models_are_pinned_and_remote_code_is_qwen1_only(name):
+    cfg = _configs()[name]
+    if cfg["source"]["type"] == "hub":
+        assert COMMIT.fullmatch(cfg["source"]["revision"]), f"{name}: revision is not a commit hash"
+        assert cfg["dtype"] in ("bfloat16", "float16")
+    assert cfg["trust_remote_code"] is (cfg["family"] == "qwen")
+
+
+def test_paper13_sweep_lists_exactly_the_paper_models():
+    sweep = yaml.safe_load((CONF_DIR / "sweep" / "paper13.yaml").read_text())
+    models = [m.strip() for m in sweep["hydra"]["sweeper"]["params"]["model"].split(",")]
+    assert {_configs()[m]["source"]["repo_id"] for m in models} == PAPER_13
+    assert len(models) == 13
+
+
+def test_cpu_sweep_lists_the_embedded_models():
+    sweep = yaml.safe_load((CONF_DIR / "sweep" / "cpu.yaml").read_text())
+    models = sweep["hydra"]["sweeper"]["params"]["model"].split(",")
+    assert {_configs()[m]["source"]["type"] for m in models} == {"pypi_gguf"}
+    assert set(models) == {n for n, c in _configs().items() if c["source"]["type"] == "pypi_gguf"}
+
+
+def _hub(revision, **extra):
+    return OmegaConf.create(
+        {"name": "m", "source": {"type": "hub", "repo_id": "org/m", "revision": revision, **extra}}
+    )
+
+
+@pytest.mark.parametrize("revision", ["main", None, "v1.0", "c3db800"])
+def test_unpinned_hub_revision_is_refused_unless_allowed(revision):
+    with pytest.raises(ConfigError, match="not pinned"):
+        checkpoint(_hub(revision))
+    assert checkpoint(_hub(revision, allow_unpinned=True)) == ("org/m", {"revision": revision})
+
+
+def test_pinned_hub_revision_is_passed_to_from_pretrained():
+    commit = "c3db8007171847931da7efa4b2ed4309afcce021"
+    assert checkpoint(_hub(commit)) == ("org/m", {"revision": commit})
+
+
+def test_auto_batch_size_is_fixed_on_cpu(tiny_lm):
+    lm = tiny_lm("qwen2")
+    assert auto_batch_size(lm.model) == CPU_BATCH_SIZE
+    assert lm.runner("auto").batch_size == CPU_BATCH_SIZE
+    with pytest.raises(ConfigError, match="batch size"):
+        lm.runner(0)
+
+
+def test_auto_batch_size_follows_free_memory_and_model_size():
+    """A Qwen2.5-1.5B-shaped model in bfloat16: KV 28 KiB + activations + logits per token."""
+    config = Qwen2Config(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    )
+    per_row = 2 * (2 * 28 * 2 * 128 + 4 * 1536 + 3 * 8960 + 151936) * 512
+    assert rows_that_fit(config, 2, int(64 * per_row / 0.8)) == 64
+    assert rows_that_fit(config, 2, int(100 * per_row / 0.8)) == 64  # powers of two
+    assert rows_that_fit(config, 2, int(per_row / 2)) == 1  # never below one row
+    assert rows_that_fit(config, 2, 10**15) == AUTO_MAX_BATCH
+    bigger = Qwen2Config(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=151936,
+    )
+    assert rows_that_fit(bigger, 2, 40 * 2**30) < rows_that_fit(config, 2, 40 * 2**30)
