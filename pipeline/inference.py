@@ -26,9 +26,13 @@ log = logging.getLogger(__name__)
 
 # Every out-of-memory back-off of this process ({"desc", "batch_size"}), recorded next to the stage's timing.
 OOM_BACKOFFS: list[dict] = []
+# Fixed cost of one forward pass in token-equivalents (launch, reading every weight once): a generation
+# step over a small batch costs about as much as a pass over this many tokens, so on a CPU, where
+# decoding is bound by reading the weights, a batch of generations costs ``max_new_tokens`` of these.
+PASS_OVERHEAD = 64
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, overhead: int = 64) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, overhead: int = PASS_OVERHEAD) -> list[list[int]]:
     """Split prompts into batches of at most ``batch_size`` that waste the least compute on padding.
 
     Prompts are sorted by length (longest first, so memory peaks early) and cut into consecutive
@@ -133,7 +137,9 @@ class Runner:
                 raise ValueError("every prompt must start with the shared prefix")
         bodies = [list(p[prefix_len:]) for p in prompts]
         results: list = [None] * len(prompts)
-        pending = length_sorted_batches([len(b) for b in bodies], self.batch_size)
+        # generation: each row also holds its `extra` new tokens, and each of them is one more pass
+        pending = length_sorted_batches([len(b) + extra for b in bodies], self.batch_size,
+                                        overhead=PASS_OVERHEAD * (1 + extra))
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress, leave=False)
         restored, tokens, start = 0, 0, time.perf_counter()
         while pending:

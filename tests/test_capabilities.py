@@ -16,13 +16,10 @@ from pipeline.stages import capabilities
 from pipeline.stages.common import chosen_direction
 from pipeline.stages.orthogonalize import orthogonalize_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, tiny_dir):
-    """A working directory with the offline task data (relative paths) and a chosen direction."""
-    (tmp_path / "pipeline").symlink_to(ROOT / "pipeline")
+    """A working directory outside the project (as a sweep job's folder is) with a chosen direction."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     torch.manual_seed(1)
@@ -64,6 +61,30 @@ def test_each_variant_and_task_gets_lm_eval_results_and_headline_deltas(project,
     # the ablation hooks reached the model: the option log-likelihoods move
     assert sample_loglikelihoods("original", "rd_facts_mc") != pytest.approx(
         sample_loglikelihoods("orthogonalized", "rd_facts_mc"), abs=1e-3)
+
+
+def test_an_interrupted_stage_resumes_at_the_next_task_with_the_same_results(project, tiny_dir, monkeypatch):
+    import lm_eval
+
+    cfg = stage_config(tiny_dir, limit=3)
+    capabilities.run(cfg)
+    uninterrupted = {p: p.read_bytes() for p in Path("artifacts/capabilities").rglob("*.json")}
+    real, calls = lm_eval.simple_evaluate, []
+
+    def dies_on_the_third_task(**kwargs):
+        calls.append(kwargs["tasks"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", dies_on_the_third_task)
+    with pytest.raises(KeyboardInterrupt):
+        capabilities.run(cfg)
+    calls.clear()
+    capabilities.run(cfg)
+    assert len(calls) == 2  # the original model's two tasks came from the checkpoint
+    for path, data in uninterrupted.items():
+        assert json.loads(path.read_text())["results"] == json.loads(data)["results"], path
 
 
 def test_saved_orthogonalized_model_scores_exactly_as_hook_ablation(project, tiny_dir):

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.errors import ConfigError
 from pipeline.hooks import directional_ablation
@@ -120,10 +121,11 @@ def result_path(name: str, task: str) -> Path:
     return paths.stage_dir("capabilities") / name / f"{task}.json"
 
 
-def evaluate_variant(cfg: DictConfig, name: str, mode: str, manager) -> dict[str, dict[str, float]]:
+def evaluate_variant(cfg: DictConfig, name: str, mode: str, manager, store: Checkpoint) -> dict[str, dict[str, float]]:
     """Run every task on one variant, writing lm-eval's results JSON per task as soon as it finishes.
 
-    Returns the headline metrics per task; the model is released when this returns.
+    Each task's results also go to ``store``, so an interrupted stage resumes at the next (variant,
+    task). Returns the headline metrics per task; the model is released when this returns.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -134,15 +136,20 @@ def evaluate_variant(cfg: DictConfig, name: str, mode: str, manager) -> dict[str
     with variant(cfg, name, mode) as lm:
         hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=cap.batch_size)
         for task in cap.tasks:
-            start = time.perf_counter()
-            # no request cache (use_cache): its key cannot see the ablation hooks
-            results = simple_evaluate(
-                model=hflm, tasks=[task], task_manager=manager, num_fewshot=cap.num_fewshot, limit=cap.limit,
-                log_samples=bool(cap.log_samples), apply_chat_template=bool(cap.apply_chat_template),
-            )
-            results["wall_seconds"] = round(time.perf_counter() - start, 2)
-            text = json.dumps(results, indent=2, ensure_ascii=False, default=handle_non_serializable)
-            write_text(result_path(name, task), text + "\n")
+            results = store.get(task)
+            if results is None:
+                start = time.perf_counter()
+                # no request cache (use_cache): its key cannot see the ablation hooks
+                results = simple_evaluate(
+                    model=hflm, tasks=[task], task_manager=manager, num_fewshot=cap.num_fewshot, limit=cap.limit,
+                    log_samples=bool(cap.log_samples), apply_chat_template=bool(cap.apply_chat_template),
+                )
+                results["wall_seconds"] = round(time.perf_counter() - start, 2)
+                results = json.loads(json.dumps(results, default=handle_non_serializable))
+                store.put(task, results)
+            else:
+                log.info("%s / %s: restored from checkpoint", name, task)
+            write_text(result_path(name, task), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
             scores[task] = headline(results, task)
             log.info("%s / %s: %s (%.0f s)", name, task, scores[task], results["wall_seconds"])
     return scores
@@ -153,10 +160,12 @@ def run(cfg: DictConfig) -> None:
     mode = edited_model_mode(cap.edited_model)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     scores = {}
+    # the saved edited model is a function of the config and the direction, so these fingerprint it
+    checkpoint = Checkpoint.open("capabilities", cfg, [paths.stage_dir("select") / "direction.safetensors"])
     with offline_tasks() as include:
         manager = task_manager(list(cap.tasks), include)
         for name in VARIANTS:
-            scores[name] = evaluate_variant(cfg, name, mode, manager)
+            scores[name] = evaluate_variant(cfg, name, mode, manager, checkpoint.scope(name))
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -166,6 +175,7 @@ def run(cfg: DictConfig) -> None:
         tasks[task] = {m: {"original": original[m], "orthogonalized": edited[m],
                            "delta": round(edited[m] - original[m], 5)} for m in original}
     write_json(paths.metrics("capabilities"), {"edited_model": mode, "tasks": tasks})
+    checkpoint.clear()
     log.info("capabilities: %s", tasks)
 
 

@@ -18,6 +18,7 @@ from collections import defaultdict
 from omegaconf import DictConfig
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.data_sources import Record, load_source
 from pipeline.errors import ConfigError, DataError
@@ -71,11 +72,12 @@ def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
     direction, meta = chosen_direction(lm)
     substrings = list(cfg.eval.refusal_substrings)
+    checkpoint = Checkpoint.open("over_refusal", cfg, [paths.stage_dir("select") / "direction.safetensors"])
     flags: dict[str, list[bool]] = {}
     for kind in oc.interventions:
         with intervention(lm, kind, direction, meta["layer"]):
             responses = complete(lm, instructions(records), oc.max_new_tokens, cfg.eval.batch_size,
-                                 f"over-refusal {kind}", stop_at=stop_phrases(cfg))
+                                 f"over-refusal {kind}", checkpoint.scope(kind), stop_phrases(cfg))
         flags[kind] = [is_refusal(text, substrings) for text in responses]
         write_json(paths.stage_dir("over_refusal") / f"{kind}.json", [
             {"instruction": r["instruction"], "category": r["category"], "response": text, "refusal": flag}
@@ -91,6 +93,7 @@ def run(cfg: DictConfig) -> None:
         "refusal_rate_by_category": rates_by_category(records, flags),
         "n_prompts": len(records),
     })
+    checkpoint.clear()
 
 
 def main() -> None:
