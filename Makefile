@@ -29,6 +29,6 @@ test: install
 lint: install
 	$(BIN)/ruff check pipeline tests
 
-# Speed figures side by side (selection vs the paper's procedure, MFU, generation, memory); ~1 h on 2 CPU cores.
+# Speed figures side by side (selection vs the paper's procedure, MFU, generation, memory); ~40 min on 2 CPU cores.
 benchmark: install
 	$(BIN)/python -m pipeline.benchmark

@@ -40,6 +40,11 @@ from pipeline.stages.activations import mean_activations
 from pipeline.stages.data import split_pool
 from pipeline.stages.select import Rules, choose, score_candidates, score_table
 
+# How far the project's scores may sit from the reference's: both run in the model's dtype, and
+# bfloat16 sums grouped differently (prefix cache, stacked rows, batch shapes) differ in the last bits.
+# Refusal scores are log-odds; KL is in nats.
+SCORE_TOLERANCE = {"bypass_score": 0.05, "induce_score": 0.05, "kl": 0.01}
+
 
 def emit(name: str, value) -> None:
     print(f"{name}: {value}", flush=True)
@@ -142,10 +147,13 @@ def bench_selection(lm: LoadedModel, prompts: dict[str, list[str]], cfg, skip_re
     emit("selection_reference_choice",
          f"position {ref_choice[0] - candidates.shape[0]}, layer {ref_choice[1]}")
     emit("selection_same_choice", ref_choice == ours_choice)
+    agree = True
     for metric in ("bypass_score", "induce_score", "kl"):
         grid = getattr(ours, metric)
         diffs = [abs(float(grid[p, l]) - s[metric]) for (p, l), s in ref_scores.items() if not grid[p, l].isnan()]
         emit(f"selection_max_abs_diff_{metric}", f"{max(diffs):.4g} over {len(diffs)} candidates")
+        agree &= max(diffs) <= SCORE_TOLERANCE[metric]
+    emit("selection_scores_within_tolerance", f"{agree} ({SCORE_TOLERANCE})")
     emit("selection_speedup", f"{ref_seconds / ours_seconds:.2f}x")
 
 
