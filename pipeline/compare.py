@@ -100,7 +100,7 @@ def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
     """Runs from ``dvc exp show --json``: the workspace, each baseline commit and its experiments.
 
     Queued and running experiments are left out (a running one already shows its partial metrics);
-    failed ones are listed as failed.
+    failed ones are listed as failed, without numbers.
     """
     runs = []
 
@@ -112,9 +112,8 @@ def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         source = f"dvc:{entry.get('name') or data.get('rev') or entry.get('rev')}"
         if params and state == "failed":
-            runs.append(
-                Run(source, params, {m: v for m, v in metrics.items() if v}, "failed (dvc queue logs)")
-            )
+            # no numbers: a failed experiment's metric files are its baseline's, not its own
+            runs.append(Run(source, params, {}, "failed (dvc queue logs)"))
         elif params and state not in ("queued", "running") and all(metrics.values()):
             runs.append(Run(source, params, metrics))
 

@@ -118,6 +118,7 @@ def test_comparison_reads_dvc_experiments():
         ("dvc:exp-failed", "model-d", "failed (dvc queue logs)"),
     ]
     assert table([Run("x", runs[0].params, runs[0].metrics)]).iloc[0].refusal_harmful_ablation == 0.1
+    assert runs[2].metrics == {}  # what `dvc exp show` reports for a failed experiment is its baseline's
 
 
 def _tiny_sweep_project(tmp_path: Path) -> Path:
