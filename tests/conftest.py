@@ -215,7 +215,8 @@ def copy_project(tmp: Path) -> tuple[Path, Path]:
     project.mkdir(parents=True)
     for name in ("pipeline", "conf", "plot_templates"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, project / name)
     (project / "data").mkdir()
     (project / "data" / "harmful.json").write_text(json.dumps([{"instruction": h} for h in HARMFUL]))
     (project / "data" / "harmless.json").write_text(json.dumps([{"instruction": p} for p in HARMLESS]))
