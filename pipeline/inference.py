@@ -199,6 +199,21 @@ class Runner:
         return torch.stack(rows, dim=1)
 
     @torch.inference_mode()
+    def read_passes(self, prompts: Sequence[Sequence[int]], read: Callable[[list[int]], list],
+                    desc: str = "forward") -> list:
+        """Run every prompt once, whole (no prefix cache: hooks see every position), and return, in
+        prompt order, what ``read(indices)`` gives for each forward pass: one value per row, row ``i``
+        being prompt ``indices[i]``. ``read`` is called right after its pass, so hooks can hand over
+        what they recorded during it.
+        """
+
+        def fn(indices, bodies, prefix_len, cache):
+            self._forward(bodies, prefix_len, cache, logits_to_keep=1)
+            return read(indices)
+
+        return self._map_batches(prompts, (), fn, desc)
+
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],

@@ -10,64 +10,13 @@ candidate directions of different layers with each other.
 
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.hooks import residual_recorder, unit
-from pipeline.inference import Runner
 from pipeline.models.loading import LoadedModel
-
-
-def _match_rows(rows: torch.Tensor, prompts: Sequence[Sequence[int]], pad_id: int,
-                unmatched: dict[tuple[int, ...], deque[int]]) -> list[int]:
-    """Prompt index of each left-padded row of ``rows``, identified by its token ids."""
-    lengths = sorted({len(p) for p in prompts}, reverse=True)
-    indices = []
-    for row in rows.tolist():
-        for length in lengths:
-            pad, key = row[: len(row) - length], tuple(row[len(row) - length:])
-            if length <= len(row) and unmatched.get(key) and all(t == pad_id for t in pad):
-                indices.append(unmatched[key].popleft())
-                break
-        else:
-            raise RuntimeError("a forward pass saw a sequence that is none of the prompts "
-                               "(prefix cache active?)")
-    return indices
-
-
-@contextlib.contextmanager
-def tracked_rows(lm: LoadedModel, prompts: Sequence[Sequence[int]], pad_id: int,
-                 on_pass: Callable[[], None] = lambda: None) -> Iterator[Callable[[], list[int]]]:
-    """While active, the yielded function gives the prompt index of each row of the current forward pass.
-
-    Every prompt must be run once, in full (no prefix cache), in any order and batching; ``on_pass`` is
-    called as each forward pass starts (also when an out-of-memory retry repeats one).
-    """
-    unmatched: dict[tuple[int, ...], deque[int]] = defaultdict(deque)
-    for i, p in enumerate(prompts):
-        unmatched[tuple(p)].append(i)
-    current: dict[str, torch.Tensor] = {}
-
-    def see_ids(module, args, kwargs):
-        current["ids"] = (args[0] if args else kwargs["input"]).detach().cpu()
-        on_pass()
-
-    handle = lm.adapter.embedding(lm.model).register_forward_pre_hook(see_ids, with_kwargs=True)
-    try:
-        yield lambda: _match_rows(current["ids"], prompts, pad_id, unmatched)
-    finally:
-        handle.remove()
-
-
-def full_pass_runner(lm: LoadedModel, batch_size: int) -> Runner:
-    """A runner whose forward passes each see whole prompts (what hooks reading every position need)."""
-    runner = lm.runner(batch_size)
-    runner.use_prefix_cache = False
-    return runner
 
 
 @dataclass
@@ -90,34 +39,28 @@ def direction_readout(
 
     ``prompts`` are full token ids (``lm.encode``); positions are the last ``n_positions`` tokens of
     each prompt (default: the post-instruction tokens, the last one being the last prompt token).
-    Rows are matched back to prompts by their token ids, so the result does not depend on how the
-    runner orders or batches them.
     """
     n_pos = n_positions or lm.chat.n_post_instruction
     if any(len(p) < n_pos for p in prompts):
         raise ValueError(f"every prompt needs at least {n_pos} tokens")
     u = unit(direction)
     n_sites = lm.n_layers + 1
-    projection = torch.zeros(len(prompts), n_pos, n_sites)
-    norm = torch.zeros(len(prompts), n_pos, n_sites)
-    seen = torch.zeros(len(prompts), dtype=torch.bool)
-    runner = full_pass_runner(lm, batch_size)
-    per_site: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sites: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (projection, norm) of this pass
 
     def record(layer: int, resid: torch.Tensor) -> None:
         h = resid[:, -n_pos:, :].float()
-        per_site.append(((h @ u.to(h.device)).cpu(), h.norm(dim=-1).cpu()))
-        if layer == n_sites - 1:
-            rows = current_rows()
-            projection[rows] = torch.stack([p for p, _ in per_site], dim=-1)
-            norm[rows] = torch.stack([n for _, n in per_site], dim=-1)
-            seen[rows] = True
+        sites[layer] = ((h @ u.to(h.device)).cpu(), h.norm(dim=-1).cpu())
 
-    with tracked_rows(lm, prompts, runner.pad_id, per_site.clear) as current_rows, \
-            residual_recorder(lm.model, lm.adapter, record):
-        runner.last_logits(prompts, desc=desc)
-    if not seen.all():
-        raise RuntimeError("some prompts were never seen by the residual recorder")
+    def read(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        projection, norm = (torch.stack([sites[l][k] for l in range(n_sites)], dim=-1) for k in (0, 1))
+        return list(zip(projection, norm))
+
+    with residual_recorder(lm.model, lm.adapter, record):
+        rows = lm.runner(batch_size).read_passes(prompts, read, desc=desc)
+    if not rows:
+        return Readout(torch.zeros(0, n_pos, n_sites), torch.zeros(0, n_pos, n_sites))
+    projection = torch.stack([p for p, _ in rows])
+    norm = torch.stack([n for _, n in rows])
     return Readout(projection / norm.clamp_min(1e-12), projection)
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from pipeline.analysis.geometry import full_pass_runner, tracked_rows
 from pipeline.hooks import unit
 from pipeline.models.loading import LoadedModel
 
@@ -56,10 +55,7 @@ def head_readout(lm: LoadedModel, prompts: Sequence[Sequence[int]], direction: t
     for block in blocks:
         weight = lm.adapter.attention_output(block).weight  # [d_model, n_heads * head_dim]
         readers.append((weight.float().T @ u.to(weight.device)).view(n_heads, -1))
-    contribution = torch.zeros(len(prompts), len(blocks), n_heads)
-    attention: list[torch.Tensor | None] = [None] * len(prompts)
-    runner = full_pass_runner(lm, batch_size)
-    batch: dict[str, dict[int, torch.Tensor]] = {"z": {}, "attn": {}}
+    batch: dict[str, dict[int, torch.Tensor]] = {"z": {}, "attn": {}}  # layer -> what this pass showed
 
     def read_heads(layer: int, heads_out: torch.Tensor) -> None:
         z = heads_out[:, -1].float()
@@ -70,11 +66,11 @@ def head_readout(lm: LoadedModel, prompts: Sequence[Sequence[int]], direction: t
             raise RuntimeError("the attention module returned no probabilities: run inside eager_attention()")
         batch["attn"][layer] = probabilities[:, :, -1].float().cpu()  # [rows, heads, keys]
 
-    def collect(module, args):  # the final norm's input: every layer of this forward pass has been read
-        for row, index in enumerate(rows_of()):
-            n = len(prompts[index])
-            contribution[index] = torch.stack([batch["z"][l][row] for l in range(len(blocks))])
-            attention[index] = torch.stack([batch["attn"][l][row, :, -n:] for l in range(len(blocks))])
+    def read(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers = range(len(blocks))
+        return [(torch.stack([batch["z"][l][row] for l in layers]),
+                 torch.stack([batch["attn"][l][row, :, -len(prompts[index]):] for l in layers]))
+                for row, index in enumerate(indices)]
 
     handles = []
     for layer, block in enumerate(blocks):
@@ -83,14 +79,12 @@ def head_readout(lm: LoadedModel, prompts: Sequence[Sequence[int]], direction: t
         handles.append(lm.adapter.attention(block).register_forward_hook(
             lambda m, a, o, layer=layer: read_attention(layer, o[1])))
     try:
-        with tracked_rows(lm, prompts, runner.pad_id) as rows_of:
-            handles.append(lm.adapter.final_norm(lm.model).register_forward_pre_hook(collect))
-            runner.last_logits(prompts, desc=desc)
+        rows = lm.runner(batch_size).read_passes(prompts, read, desc=desc)
     finally:
         for handle in handles:
             handle.remove()
-    if any(a is None for a in attention):
-        raise RuntimeError("some prompts were never seen by the head readout")
+    contribution = torch.stack([c for c, _ in rows]) if rows else torch.zeros(0, len(blocks), n_heads)
+    attention = [a for _, a in rows]
     return HeadReadout(contribution, attention)
 
 
