@@ -6,7 +6,9 @@
    condition, full logits, fixed padded batches, every candidate scored) against the project's
    (shared-prefix KV cache, last-position logits only, length-bucketed batches, stacked candidates,
    filter-order pruning); same chosen (position, layer), score agreement, speed ratio;
-2. the machine's bfloat16 matmul rate and the model FLOP utilisation of the project's forward passes;
+2. the matmul rate per dtype (bfloat16, float32) as this CPU runs it and under oneDNN ISA caps that mimic
+   CPUs without AMX (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, ``AVX2``), the dtype ``model.dtype=auto``
+   chose, and the model FLOP utilisation of the project's forward passes against that dtype's rate;
 3. batched greedy generation against a one-prompt-at-a-time loop (tokens/s);
 4. peak memory of the activations stage for two train-set sizes;
 5. wall time per stage of the last default ``dvc repro`` (from artifacts/timing).
@@ -31,14 +33,16 @@ import torch
 from pipeline import paths
 from pipeline.config import compose_config
 from pipeline.data_sources import load_source
-from pipeline.hooks import activation_addition, directional_ablation
+from pipeline.edit import Edit
 from pipeline.inference import left_pad
+from pipeline.interventions import apply
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.refusal import kl_divergence, refusal_scores
+from pipeline.runtime import BF16_MARGIN, rates_under_isa
+from pipeline.selection import Rules, choose, score_candidates, score_table
 from pipeline.stages import STAGES
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.data import split_pool
-from pipeline.stages.select import Rules, choose, score_candidates, score_table
 
 # How far the project's scores may sit from the reference's: both run in the model's dtype, and
 # bfloat16 sums grouped differently (prefix cache, stacked rows, batch shapes) differ in the last bits.
@@ -106,11 +110,11 @@ def reference_selection(lm: LoadedModel, candidates: torch.Tensor, harmful: list
     scores = {}
     for p in range(n_pos):
         for l in range(lm.n_layers):
-            r = candidates[p, l]
-            with directional_ablation(lm.model, lm.adapter, r):
+            edit = Edit.of(candidates[p, l], l, lm.n_layers)
+            with apply(lm, "ablation", edit):
                 kl = float(kl_divergence(base_harmless, reference_last_logits(lm, harmless)).mean())
                 bypass = float(refusal_scores(reference_last_logits(lm, harmful), lm.refusal_ids).mean())
-            with activation_addition(lm.model, lm.adapter, r, l):
+            with apply(lm, "addition", edit):
                 induce = float(refusal_scores(reference_last_logits(lm, harmless), lm.refusal_ids).mean())
             scores[(p, l)] = {"bypass_score": bypass, "induce_score": induce, "kl": kl}
     eligible = [(s["bypass_score"], p, l) for (p, l), s in scores.items()
@@ -157,11 +161,11 @@ def bench_selection(lm: LoadedModel, prompts: dict[str, list[str]], cfg, skip_re
     emit("selection_speedup", f"{ref_seconds / ours_seconds:.2f}x")
 
 
-def matmul_rate(seconds: float = 2.0) -> float:
-    """Best bf16 matmul rate (TFLOP/s) over a few shapes typical of a transformer block."""
+def matmul_rate(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best matmul rate (TFLOP/s) in ``dtype`` over a few shapes typical of a transformer block."""
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (4096, 1536, 8960), (1024, 4096, 4096)):
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
@@ -181,9 +185,21 @@ def forward_flops(lm: LoadedModel, tokens: int, attended: int) -> float:
     return 2 * weights * tokens + attention
 
 
+def bench_dtypes(lm: LoadedModel) -> None:
+    """Matmul rates per dtype at the model's shapes, natively and under oneDNN ISA caps (fresh processes)."""
+    config = lm.model.config.get_text_config()
+    for isa in (None, "AVX512_CORE_BF16", "AVX2"):
+        rates = rates_under_isa(isa, config.hidden_size, config.intermediate_size)
+        label = (isa or "native").lower()
+        for dtype in ("bfloat16", "float32"):
+            emit(f"matmul_{label}_{dtype}_gflops", f"{rates[dtype]:.1f}")
+        emit(f"auto_dtype_{label}", "bfloat16" if rates["bfloat16"] >= BF16_MARGIN * rates["float32"] else "float32")
+    emit("model_dtype", str(lm.model.dtype).removeprefix("torch."))
+
+
 def bench_utilisation(lm: LoadedModel, texts: list[str], cfg) -> None:
-    peak = matmul_rate()
-    emit("matmul_bf16_tflops", f"{peak:.3f}")
+    peak = matmul_rate(lm.model.dtype)
+    emit(f"matmul_{str(lm.model.dtype).removeprefix('torch.')}_tflops", f"{peak:.3f}")
     ids = lm.encode(texts)
     runner = lm.runner(cfg.runtime.batch_size, progress=False)
     prefix = lm.chat.prefix_ids
@@ -245,7 +261,9 @@ def stage_times() -> None:
         emit("stage_seconds", "none recorded: run `make run` first")
         return
     for stage, value in seconds.items():
-        emit(f"stage_seconds_{stage}", value)
+        models = json.loads(paths.timing(stage).read_text()).get("models", {})
+        dtypes = ", ".join(sorted({m["dtype"] for m in models.values()}))
+        emit(f"stage_seconds_{stage}", f"{value}{f' ({dtypes})' if dtypes else ''}")
     emit("stage_seconds_total", round(sum(seconds.values()), 1))
 
 
@@ -272,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts(paper_dir, args.n_train, args.n_val)
     if not args.no_filter:
         prompts = filter_by_refusal(lm, prompts, cfg.runtime.batch_size)
+    bench_dtypes(lm)
     bench_selection(lm, prompts, cfg, args.skip_reference)
     bench_utilisation(lm, prompts["harmless_val"], cfg)
     bench_generation(lm, prompts["harmless_val"], args.max_new_tokens, cfg, args.n_single)

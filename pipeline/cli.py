@@ -1,8 +1,9 @@
 """The thin entry point every DVC stage goes through.
 
 ``python -m pipeline.stages.<name> [key=value ...]`` loads ``params.yaml`` (with overrides),
-runs the stage, records its wall time next to its outputs, and turns a ``PipelineError`` into a short
-message and exit status 2 instead of a traceback.
+sets torch's threads (``runtime.threads``; warns when the machine is already busy), runs the stage,
+records its wall time (and the dtype each model was loaded in) next to its outputs, and turns a
+``PipelineError`` into a short message and exit status 2 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.inference import OOM_BACKOFFS
 from pipeline.io import write_json
+from pipeline.runtime import LOADED, apply_threads, warn_if_oversubscribed
 
 console = Console(stderr=True)
 
@@ -34,12 +36,17 @@ def setup_logging() -> None:
 
 
 def timed(name: str, fn: Callable[[DictConfig], None], cfg: DictConfig) -> float:
-    """Run stage ``fn`` on ``cfg`` and record its wall time (and any OOM batch back-offs) next to its outputs."""
+    """Run stage ``fn`` on ``cfg`` and record its wall time, its threads, the dtype of each model it loaded and
+    any OOM batch back-offs next to its outputs."""
+    threads = apply_threads(cfg.runtime.threads)
+    warn_if_oversubscribed()
     start = time.perf_counter()
     OOM_BACKOFFS.clear()  # stages of a sweep job share one process: count this stage's back-offs only
+    LOADED.clear()
     fn(cfg)
     seconds = time.perf_counter() - start
-    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2), "oom_backoffs": OOM_BACKOFFS})
+    write_json(paths.timing(name), {"stage": name, "wall_seconds": round(seconds, 2), "threads": threads,
+                                    "models": LOADED, "oom_backoffs": OOM_BACKOFFS})
     logging.getLogger(name).info("stage %s finished in %.1f s", name, seconds)
     return seconds
 

@@ -38,13 +38,13 @@ from pipeline.io import atomic_path, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-METRIC_FILES = ("select", "judge", "loss")
+METRIC_FILES = ("select", "refusal", "loss")
 # column -> (metrics file, key path inside it)
 COLUMNS = {
-    "refusal_harmful_baseline": ("judge", "refusal_rate.harmful_baseline"),
-    "refusal_harmful_ablation": ("judge", "refusal_rate.harmful_ablation"),
-    "refusal_harmless_baseline": ("judge", "refusal_rate.harmless_baseline"),
-    "refusal_harmless_addition": ("judge", "refusal_rate.harmless_addition"),
+    "refusal_harmful_baseline": ("refusal", "refusal_rate.harmful_baseline"),
+    "refusal_harmful_ablation": ("refusal", "refusal_rate.harmful_ablation"),
+    "refusal_harmless_baseline": ("refusal", "refusal_rate.harmless_baseline"),
+    "refusal_harmless_addition": ("refusal", "refusal_rate.harmless_addition"),
     "kl_harmless_ablation": ("select", "kl"),
     "ce_delta_ablation_general": ("loss", "ce_loss.general_text.delta_ablation"),
     "ce_delta_ablation_completions": ("loss", "ce_loss.harmless_completions.delta_ablation"),

@@ -65,11 +65,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Write ``params.yaml`` from ``conf/`` and the given Hydra overrides."""
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = compose_config(overrides)
+        composed = compose_config(overrides)
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    write_text(PARAMS_FILE, render_params(cfg))
-    print(f"wrote {PARAMS_FILE} (model={cfg.model.name}, data={cfg.data.name})")
+    write_text(PARAMS_FILE, render_params(composed))
+    print(f"wrote {PARAMS_FILE} (model={composed.model.name}, data={composed.data.name})")
 
 
 if __name__ == "__main__":

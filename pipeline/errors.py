@@ -29,4 +29,8 @@ class IntegrityError(PipelineError):
 
 
 class SelectionError(PipelineError):
-    """No candidate direction survives the selection filters."""
+    """No candidate direction survives the selection filters; ``table`` holds every candidate's scores."""
+
+    def __init__(self, problem: str, fix: str, table=None) -> None:
+        super().__init__(problem, fix)
+        self.table = table

@@ -3,13 +3,18 @@
 * Directional ablation removes the component along ``r̂`` from the residual stream everywhere: at the
   input of every block and from the output of every module that writes into the stream, so no
   position at any layer carries it.
+  Several directions ``[k, d_model]`` are a basis: the whole subspace they span is removed.
+* Weighted ablation removes only a share of the direction from each write: block ``l``'s attention
+  output loses ``attention_weights[l]`` of it, its MLP output ``mlp_weights[l]``, the token embedding
+  ``embedding_weight`` (all 1: the paper's ablation, up to rounding). It touches exactly what a weight
+  edit can, so folding it into the weights gives the same model.
 * Activation addition adds ``coeff · r`` to the residual stream at the input of one block (or of the
   final norm, for the "after the last layer" index), at every position.
 
 Hooks are registered with ``prepend=True`` so they run before transformers' own output recorders
-(``output_hidden_states`` then sees the edited stream). A direction may be ``[d_model]`` or
-``[k, d_model]``: then the batch is read as ``k`` equal, consecutive blocks of rows and block ``i``
-gets direction ``i`` (how several candidates are scored in one pass, see
+(``output_hidden_states`` then sees the edited stream). With ``stacked=True`` a ``[k, d_model]``
+argument is not a basis but ``k`` alternatives: the batch is read as ``k`` equal, consecutive blocks
+of rows and block ``i`` gets direction ``i`` (how several candidates are scored in one pass, see
 ``Runner.last_logits_stacked``).
 """
 
@@ -34,11 +39,18 @@ def per_row(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.repeat_interleave(x.shape[0] // v.shape[0], dim=0)[:, None, :]
 
 
-def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """``x - (x·û)û`` over the last dimension, computed in float32 and cast back."""
+def project_out(x: torch.Tensor, basis: torch.Tensor, stacked: bool = False, weight: float = 1.0) -> torch.Tensor:
+    """``x - w·(x·û)û`` over the last dimension, in float32 and cast back.
+
+    ``basis`` is ``[d]`` or orthonormal rows ``[k, d]`` (the subspace is removed); with ``stacked`` its
+    rows are alternatives, one per block of rows of ``x``.
+    """
     x32 = x.float()
-    u = per_row(unit, x)
-    return (x32 - (x32 * u).sum(-1, keepdim=True) * u).to(x.dtype)
+    if stacked or basis.dim() == 1:
+        u = per_row(basis, x)
+        return (x32 - weight * (x32 * u).sum(-1, keepdim=True) * u).to(x.dtype)
+    b = basis.to(device=x.device, dtype=torch.float32)
+    return (x32 - weight * (x32 @ b.T) @ b).to(x.dtype)
 
 
 def _map_first(value, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -62,25 +74,66 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
     return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def orthonormal(directions: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (rows) of the span of ``directions`` (``[d]`` or ``[k, d]``); one direction
+    is just normalised, so the paper's single-direction numbers are computed exactly as before."""
+    if directions.dim() == 1 or directions.shape[0] == 1:
+        return unit(directions.reshape(-1))
+    q, r = torch.linalg.qr(directions.float().T)
+    return q.T[r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()]
+
+
 @contextlib.contextmanager
-def directional_ablation(model: nn.Module, adapter: ModelAdapter, direction: torch.Tensor) -> Iterator[None]:
-    """Project ``direction`` out of the residual stream at every layer and position."""
-    u = unit(direction)
+def directional_ablation(model: nn.Module, adapter: ModelAdapter, directions: torch.Tensor,
+                         stacked: bool = False) -> Iterator[None]:
+    """Project ``directions`` (one, a basis, or with ``stacked`` one per block of rows) out of the residual
+    stream at every layer and position."""
+    u = unit(directions) if stacked else orthonormal(directions)
 
     def pre_hook(module, args, kwargs):
         if args:
-            return (project_out(args[0], u), *args[1:]), kwargs
-        kwargs["hidden_states"] = project_out(kwargs["hidden_states"], u)
+            return (project_out(args[0], u, stacked), *args[1:]), kwargs
+        kwargs["hidden_states"] = project_out(kwargs["hidden_states"], u, stacked)
         return args, kwargs
 
     def out_hook(module, args, output):
-        return _map_first(output, lambda t: project_out(t, u))
+        return _map_first(output, lambda t: project_out(t, u, stacked))
 
     handles = []
     for block in adapter.blocks(model):
         handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
         for writer in adapter.residual_writers(block):
             handles.append(writer.register_forward_hook(out_hook, prepend=True))
+    with _registered(handles):
+        yield
+
+
+@contextlib.contextmanager
+def weighted_ablation(model: nn.Module, adapter: ModelAdapter, directions: torch.Tensor,
+                      attention_weights: torch.Tensor, mlp_weights: torch.Tensor, embedding_weight: float = 1.0,
+                      per_layer: bool = False) -> Iterator[None]:
+    """Remove a per-layer share of ``directions`` from every write into the residual stream.
+
+    ``directions`` is a basis ``[k, d]`` shared by all layers, or with ``per_layer`` one direction per
+    block (the embedding uses block 0's). Block ``l``'s residual writers are its attention and its MLP,
+    in the adapter's order.
+    """
+    bases = [unit(d) for d in directions] if per_layer else [orthonormal(directions)] * len(adapter.blocks(model))
+
+    def out_hook(basis: torch.Tensor, weight: float):
+        def hook(module, args, output):
+            return _map_first(output, lambda t: project_out(t, basis, weight=weight))
+        return hook
+
+    handles = []
+    if embedding_weight:
+        handles.append(adapter.embedding(model).register_forward_hook(out_hook(bases[0], embedding_weight),
+                                                                        prepend=True))
+    for block, basis, w_attn, w_mlp in zip(adapter.blocks(model), bases, attention_weights.tolist(),
+                                           mlp_weights.tolist(), strict=True):
+        for writer, weight in zip(adapter.residual_writers(block), (w_attn, w_mlp), strict=True):
+            if weight:
+                handles.append(writer.register_forward_hook(out_hook(basis, weight), prepend=True))
     with _registered(handles):
         yield
 
@@ -95,9 +148,13 @@ def addition_site(model: nn.Module, adapter: ModelAdapter, layer: int) -> nn.Mod
 
 @contextlib.contextmanager
 def activation_addition(
-    model: nn.Module, adapter: ModelAdapter, vector: torch.Tensor, layer: int, coeff: float = 1.0
+    model: nn.Module, adapter: ModelAdapter, vector: torch.Tensor, layer: int, coeff: float = 1.0,
+    stacked: bool = False,
 ) -> Iterator[None]:
-    """Add ``coeff * vector`` to the residual stream entering ``layer``, at every position."""
+    """Add ``coeff * vector`` to the residual stream entering ``layer``, at every position (with
+    ``stacked``, ``vector`` is ``[k, d]``: one vector per block of rows)."""
+    if vector.dim() != (2 if stacked else 1):
+        raise ValueError(f"activation addition of a {tuple(vector.shape)} vector with stacked={stacked}")
     delta = coeff * vector.float()
 
     def add(t: torch.Tensor) -> torch.Tensor:

@@ -1,34 +1,170 @@
-"""Named interventions with the chosen direction, shared by the evaluation stages.
+"""The intervention registry: a name maps to what it does to a model, given an edit record.
+
+Each intervention is a function ``(model, adapter, edit, stacked) -> context manager`` registered with
+``@register(name)``; inside the block the model is intervened on, after it the model is as before. An
+intervention that can be folded into the weights also registers its ``fold`` (an in-place weight edit),
+which the ``orthogonalize`` stage saves and tests compare with the hooks. ``stacked=True`` (selection,
+searches) reads a ``[k, d_model]`` edit as ``k`` alternatives, one per block of rows of the batch,
+instead of a basis.
+
+Adding one: a function here (or in any module imported by the stages) decorated with ``@register``,
+and its name in ``eval.conditions`` / ``eval.loss.interventions`` / ``eval.over_refusal.interventions``.
 
 * ``baseline``: the unmodified model.
-* ``ablation``: directional ablation of ``r̂`` at every layer (removes refusal on harmful prompts).
-* ``subtraction``: activation addition of ``-r`` at the chosen layer (the paper's "actadd" on harmful).
-* ``addition``: activation addition of ``+r`` at the chosen layer (induces refusal on harmless).
+* ``ablation``: the paper's directional ablation: every direction of the edit projected out at every
+  block input and every attention / MLP output.
+* ``projected_ablation``: the direction is first made orthogonal to the mean harmless activation at
+  its layer (so ablation leaves the harmless mean untouched), then ablated as in the paper.
+* ``weighted_ablation``: per-layer strengths (the edit's attention / MLP weights and embedding weight).
+* ``norm_preserving_ablation``: the weight edit that removes the direction from every residual writer
+  and rescales each edited vector to its original norm; evaluated on the folded weights.
+* ``addition`` / ``subtraction``: activation addition of ``±coeff · r`` at the edit's addition layer.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 
-from pipeline.hooks import activation_addition, directional_ablation
-from pipeline.models.loading import LoadedModel
+from pipeline.edit import Edit
+from pipeline.errors import ConfigError
+from pipeline.hooks import activation_addition, directional_ablation, weighted_ablation
+from pipeline.models.adapters import ModelAdapter
+from pipeline.weight_edits import edited_in_place, fold_ablation
 
-KINDS = ("baseline", "ablation", "subtraction", "addition")
+Hooks = Callable[[nn.Module, ModelAdapter, Edit, bool], AbstractContextManager]
+Fold = Callable[[nn.Module, ModelAdapter, Edit], bool]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    name: str
+    hooks: Hooks | None  # None: only as a weight edit (applied in place, undone on exit)
+    fold: Fold | None  # None: cannot be folded into the weights
+    doc: str
+
+    def __call__(self, model: nn.Module, adapter: ModelAdapter, edit: Edit,
+                 stacked: bool = False) -> AbstractContextManager:
+        if self.hooks is not None:
+            return self.hooks(model, adapter, edit, stacked)
+        if stacked:
+            raise ConfigError(f"{self.name} is a weight edit and cannot score stacked alternatives",
+                              "use a hook intervention (e.g. ablation) for selection and searches")
+        return _folded(model, adapter, edit, self.fold)
+
+
+INTERVENTIONS: dict[str, Intervention] = {}
+
+
+def register(name: str, fold: Fold | None = None, doc: str | None = None):
+    """Decorator: make a hooks function available as intervention ``name`` (with its weight ``fold``, if
+    it has one). A pure weight edit registers ``None`` as its hooks: ``register(name, fold=...)(None)``."""
+
+    def wrap(hooks: Hooks | None) -> Hooks | None:
+        INTERVENTIONS[name] = Intervention(name, hooks, fold, doc or (hooks.__doc__ or "").strip())
+        return hooks
+
+    return wrap
+
+
+def get_intervention(name: str) -> Intervention:
+    if name not in INTERVENTIONS:
+        raise ConfigError(f"unknown intervention {name!r}", f"use one of: {', '.join(INTERVENTIONS)}")
+    return INTERVENTIONS[name]
+
+
+def check_names(names, where: str) -> None:
+    """Fail before any work if a configured intervention is not registered."""
+    unknown = [n for n in names if n not in INTERVENTIONS]
+    if unknown:
+        raise ConfigError(f"unknown intervention(s) {unknown} in {where}", f"use some of: {', '.join(INTERVENTIONS)}")
+
+
+def apply(lm, name: str, edit: Edit, stacked: bool = False) -> AbstractContextManager:
+    """Intervention ``name`` with ``edit`` on a loaded model, for the duration of a ``with`` block."""
+    return get_intervention(name)(lm.model, lm.adapter, edit, stacked)
 
 
 @contextlib.contextmanager
-def intervention(lm: LoadedModel, kind: str, direction: torch.Tensor, layer: int) -> Iterator[None]:
-    if kind == "baseline":
+def _folded(model: nn.Module, adapter: ModelAdapter, edit: Edit, fold: Fold):
+    with edited_in_place(model, adapter):
+        fold(model, adapter, edit)
         yield
-    elif kind == "ablation":
-        with directional_ablation(lm.model, lm.adapter, direction):
-            yield
-    elif kind in ("subtraction", "addition"):
-        coeff = -1.0 if kind == "subtraction" else 1.0
-        with activation_addition(lm.model, lm.adapter, direction, layer, coeff):
-            yield
-    else:
-        raise ValueError(f"unknown intervention {kind!r}; expected one of {KINDS}")
+
+
+def projected(edit: Edit) -> Edit:
+    """The edit with each direction made orthogonal to the mean harmless activation at its layer."""
+    if edit.harmless_mean is None:
+        raise ConfigError("projected_ablation needs the harmless mean activation in the edit record",
+                          "re-run the select stage (it stores it), or drop projected_ablation from eval")
+    m = edit.harmless_mean.float() / edit.harmless_mean.float().norm().clamp_min(1e-12)
+    return edit.with_directions(edit.directions - (edit.directions @ m)[:, None] * m[None, :])
+
+
+def _ones(edit: Edit) -> dict:
+    return {"attention_weights": torch.ones(edit.n_layers), "mlp_weights": torch.ones(edit.n_layers),
+            "embedding_weight": 1.0}
+
+
+def _fold(model: nn.Module, adapter: ModelAdapter, edit: Edit, weighted: bool = False,
+          norm_preserving: bool = False) -> bool:
+    """Fold the edit's ablation into the weights: full strength, or the edit's per-layer weights."""
+    weights = ({"attention_weights": edit.attention_weights, "mlp_weights": edit.mlp_weights,
+                "embedding_weight": edit.embedding_weight} if weighted else _ones(edit))
+    return fold_ablation(model, adapter, edit.directions, per_layer=edit.per_layer, norm_preserving=norm_preserving,
+                         **weights)
+
+
+@register("baseline")
+def baseline(model, adapter, edit, stacked=False):
+    """The unmodified model."""
+    return contextlib.nullcontext()
+
+
+@register("ablation", fold=_fold)
+def ablation(model, adapter, edit, stacked=False):
+    """The paper's directional ablation at every layer and position."""
+    if edit.per_layer:
+        return weighted_ablation(model, adapter, edit.directions, per_layer=True, **_ones(edit))
+    return directional_ablation(model, adapter, edit.directions, stacked=stacked)
+
+
+@register("projected_ablation", fold=lambda model, adapter, edit: _fold(model, adapter, projected(edit)))
+def projected_ablation(model, adapter, edit, stacked=False):
+    """Directional ablation of the direction made orthogonal to the harmless mean at its layer."""
+    return ablation(model, adapter, projected(edit), stacked)
+
+
+@register("weighted_ablation", fold=partial(_fold, weighted=True))
+def weighted(model, adapter, edit, stacked=False):
+    """Ablation with per-layer strengths for attention and MLP writes (the edit's kernel weights)."""
+    if stacked:
+        raise ConfigError("weighted_ablation does not stack alternatives", "score candidates with ablation")
+    return weighted_ablation(model, adapter, edit.directions, edit.attention_weights, edit.mlp_weights,
+                             edit.embedding_weight, edit.per_layer)
+
+
+register("norm_preserving_ablation", fold=partial(_fold, norm_preserving=True),
+         doc="Weight edit removing the direction from every residual writer, each edited vector rescaled to its "
+             "original norm (no hook form: evaluated on the folded weights).")(None)
+
+
+def _addition(sign: float) -> Hooks:
+    def hooks(model, adapter, edit, stacked=False):
+        if edit.addition_layer is None:
+            raise ConfigError("the edit record has no addition layer", "re-run the stage that wrote it")
+        vector = edit.directions if stacked else edit.direction
+        return activation_addition(model, adapter, vector, edit.addition_layer, sign * edit.addition_coeff,
+                                   stacked=stacked)
+
+    return hooks
+
+
+register("addition", doc="Activation addition of +coeff·r at the edit's addition layer.")(_addition(+1.0))
+register("subtraction", doc="Activation addition of -coeff·r at the edit's addition layer.")(_addition(-1.0))

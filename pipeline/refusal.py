@@ -52,3 +52,7 @@ def is_refusal(completion: str, substrings: Sequence[str]) -> bool:
     """True when any refusal phrase occurs in the completion (case-insensitive)."""
     text = completion.lower()
     return any(s.lower() in text for s in substrings)
+
+
+def refusal_rate(verdicts: list[bool]) -> float:
+    return sum(verdicts) / len(verdicts) if verdicts else float("nan")

@@ -36,6 +36,7 @@ class ReportContent:
     seconds: dict[str, float]
     figures: dict[str, Path]  # caption -> PNG file
     examples: dict[str, list[Example]] = field(default_factory=dict)  # prompt set -> examples
+    comparison: dict[str, dict[str, Any]] = field(default_factory=dict)  # intervention -> column -> value
 
 
 def fmt(value: Any) -> str:
@@ -74,6 +75,13 @@ def markdown(content: ReportContent, figure_dir: str) -> str:
         return out + [f"| {md_cell(k)} | {md_cell(fmt(v))} |" for k, v in rows.items()] + [""]
 
     lines += ["## Headline", ""] + table(content.headline, ("metric", "value"))
+    if content.comparison:
+        columns = list(next(iter(content.comparison.values())))
+        lines += ["## Interventions side by side", "", "| intervention | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {md_cell(name)} | " + " | ".join(md_cell(fmt(row[c])) for c in columns) + " |"
+                  for name, row in content.comparison.items()]
+        lines.append("")
     lines += ["## Figures", ""]
     for caption, path in content.figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({figure_dir}/{path.name})", ""]

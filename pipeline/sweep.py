@@ -34,12 +34,14 @@ import hydra
 import torch
 import yaml
 from filelock import FileLock, Timeout
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import Container, DictConfig, OmegaConf
 
 from pipeline.cli import timed
 from pipeline.config import CONF_DIR, PARAMS_FILE, load_params, render_params
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import write_json, write_text
+from pipeline.runtime import WORKERS_ENV
 from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -185,6 +187,9 @@ def job_params(cfg: DictConfig, launch_dir: Path) -> str:
 def main(cfg: DictConfig) -> dict[str, str]:
     """One job: write ``params.yaml`` here (Hydra has chdir'd into the job folder), then run the stages."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    n_jobs = HydraConfig.get().launcher.get("n_jobs")
+    if isinstance(n_jobs, int) and n_jobs > 1:  # jobs sharing this machine's cores: runtime.threads=auto divides them
+        os.environ.setdefault(WORKERS_ENV, str(n_jobs))
     launch_dir = Path(hydra.utils.get_original_cwd())
     lock = FileLock(".job.lock")
     try:

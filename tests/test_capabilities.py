@@ -9,22 +9,20 @@ from omegaconf import OmegaConf
 
 from conftest import model_config
 from pipeline.config import compose_config
+from pipeline.edit import Edit, load_edit, save_edit
 from pipeline.errors import ConfigError
-from pipeline.io import save_tensors, write_json
+from pipeline.interventions import get_intervention
 from pipeline.models.loading import load_model
 from pipeline.stages import capabilities
-from pipeline.stages.common import chosen_direction
-from pipeline.stages.orthogonalize import orthogonalize_weights
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, tiny_dir):
-    """A working directory outside the project (as a sweep job's folder is) with a chosen direction."""
+    """A working directory outside the project (as a sweep job's folder is) with an edit record."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     torch.manual_seed(1)
-    save_tensors("artifacts/select/direction.safetensors", {"direction": torch.randn(64)})
-    write_json("artifacts/select/direction.json", {"layer": 1, "position": -1})
+    save_edit(Path("artifacts/select"), Edit.of(torch.randn(64), 1, 4, position=-1))
     return tmp_path
 
 
@@ -93,7 +91,7 @@ def test_saved_orthogonalized_model_scores_exactly_as_hook_ablation(project, tin
     hooked = sample_loglikelihoods("orthogonalized", "rd_facts_mc")
 
     lm = load_model(cfg.model, "cpu")
-    orthogonalize_weights(lm.model, lm.adapter, chosen_direction(lm)[0])
+    get_intervention("ablation").fold(lm.model, lm.adapter, load_edit(lm))
     lm.model.save_pretrained("artifacts/orthogonalized_model")
     lm.tokenizer.save_pretrained("artifacts/orthogonalized_model")
 

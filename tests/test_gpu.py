@@ -53,7 +53,7 @@ def test_every_stage_runs_on_cuda_and_scores_candidates_as_cpu_does(tmp_path):
         project = make_tiny_project(tmp_path / device, **{"runtime.device": device, "runtime.batch_size": "auto",
                                                           "eval.batch_size": "auto"})
         run_stages(project, "data", "filter", "activations", "directions", "select", "projections", "completions",
-                   "judge", "loss", "orthogonalize", "over_refusal")
+                   "refusal", "loss", "orthogonalize", "over_refusal")
         tables[device] = pd.read_csv(project / "artifacts" / "select" / "scores.csv")
         assert json.loads((project / "metrics" / "orthogonalize.json").read_text())
     numeric = ["bypass_score", "induce_score", "kl"]

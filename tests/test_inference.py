@@ -67,16 +67,15 @@ def test_stop_ends_only_the_rows_it_names_and_keeps_their_tokens_so_far(tiny_lm)
     assert stopped == expected and any(len(s) == 8 for s in stopped)
 
 
-def test_completions_stop_at_refusal_phrases_unless_a_model_judge_reads_them(tiny_lm):
-    from omegaconf import OmegaConf
-
+def test_completions_stop_at_refusal_phrases_under_the_configured_stop_policy(tiny_lm):
+    from pipeline.errors import ConfigError
+    from pipeline.generation import complete, stop_phrases
     from pipeline.refusal import is_refusal
-    from pipeline.stages.completions import complete, stop_phrases
 
-    eval_cfg = {"stop_at_refusal": True, "refusal_substrings": ["I cannot"], "safety": {"judges": []}}
-    assert stop_phrases(OmegaConf.create({"eval": eval_cfg})) == ["I cannot"]
-    assert stop_phrases(OmegaConf.create({"eval": {**eval_cfg, "safety": {"judges": ["llamaguard2"]}}})) == []
-    assert stop_phrases(OmegaConf.create({"eval": {**eval_cfg, "stop_at_refusal": False}})) == []
+    assert stop_phrases("refusal_substring", ["I cannot"]) == ["I cannot"]
+    assert stop_phrases("none", ["I cannot"]) == []
+    with pytest.raises(ConfigError, match="stop_policy"):
+        stop_phrases("at_refusal", ["I cannot"])
 
     lm = tiny_lm("qwen2")
     full = complete(lm, PROMPTS, 12, 2, "full")

@@ -4,10 +4,17 @@ import pytest
 import torch
 
 from conftest import FAMILIES, PROMPTS
+from pipeline.edit import Edit, Kernel
 from pipeline.hooks import activation_addition, directional_ablation, residual_recorder, unit
+from pipeline.interventions import INTERVENTIONS, apply, get_intervention, projected
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.directions import difference_in_means
-from pipeline.stages.orthogonalize import orthogonalize_weights
+
+
+def orthogonalize_weights(model, adapter, r) -> bool:
+    """The paper's weight orthogonalization: the registered fold of ``ablation``."""
+    edit = Edit.of(r, 1, len(adapter.blocks(model)))
+    return get_intervention("ablation").fold(model, adapter, edit)
 
 POST_NORM = {"gemma2", "gemma3", "gemma3-mm"}  # sublayer outputs are normalised before the residual add
 
@@ -138,3 +145,177 @@ def test_difference_in_means_of_recorded_activations(tiny_lm, family):
     want = reference(harmful) - reference(harmless)
     assert got.shape == (n_pos, lm.n_layers + 1, lm.d_model)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+FOLDABLE = sorted(name for name, iv in INTERVENTIONS.items() if iv.fold is not None)
+
+
+def _edit(lm, seed=4, **kwargs) -> Edit:
+    g = torch.Generator().manual_seed(seed)
+    return Edit.of(torch.randn(lm.d_model, generator=g), 2, lm.n_layers,
+                   harmless_mean=torch.randn(lm.d_model, generator=g), **kwargs)
+
+
+def _kernel_edit(lm) -> Edit:
+    """A non-trivial weighted ablation: different attention and MLP kernels, half-strength embedding."""
+    return _edit(lm, attention_weights=Kernel(1.0, 1, 0.3, 2).weights(lm.n_layers),
+                 mlp_weights=Kernel(0.8, 2, 0.5, 1.5).weights(lm.n_layers), embedding_weight=0.5)
+
+
+def _logits(lm, input_ids, mask):
+    with torch.no_grad():
+        return lm.model(input_ids=input_ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - POST_NORM))
+@pytest.mark.parametrize("name", sorted(set(FOLDABLE) - {"norm_preserving_ablation"}))
+def test_every_foldable_intervention_folds_into_weights_that_equal_its_hooks(tiny_lm, family, name):
+    lm = tiny_lm(family, tie=family != "qwen")
+    edit = _kernel_edit(lm) if name == "weighted_ablation" else _edit(lm)
+    input_ids, mask = _batch(lm)
+    original = _logits(lm, input_ids, mask)
+    with apply(lm, name, edit):
+        hooked = _logits(lm, input_ids, mask)
+    INTERVENTIONS[name].fold(lm.model, lm.adapter, edit)
+    folded = _logits(lm, input_ids, mask)
+    assert not torch.allclose(original[mask.bool()], hooked[mask.bool()], atol=1e-3), "the edit should matter"
+    torch.testing.assert_close(folded[mask.bool()], hooked[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_weighted_ablation_at_full_strength_is_the_papers_ablation(tiny_lm, family):
+    lm = tiny_lm(family)
+    edit = _edit(lm)  # kernel weights 1 everywhere
+    input_ids, mask = _batch(lm)
+    with apply(lm, "ablation", edit):
+        paper = _logits(lm, input_ids, mask)
+    with apply(lm, "weighted_ablation", edit):
+        weighted = _logits(lm, input_ids, mask)
+    torch.testing.assert_close(weighted[mask.bool()], paper[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_peaks_at_its_position_and_is_zero_beyond_its_width():
+    weights = Kernel(peak=1.0, position=3, floor=0.2, width=2).weights(8)
+    torch.testing.assert_close(weights, torch.tensor([0.0, 0.2, 0.6, 1.0, 0.6, 0.2, 0.0, 0.0]))
+    assert torch.equal(Kernel().weights(5), torch.ones(5))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "gemma2"])
+def test_ablating_a_basis_removes_the_whole_subspace_at_every_layer(tiny_lm, family):
+    lm = tiny_lm(family)
+    basis = torch.randn(2, lm.d_model, generator=torch.Generator().manual_seed(7))
+    input_ids, mask = _batch(lm)
+    with torch.no_grad(), apply(lm, "ablation", Edit.of(basis, 1, lm.n_layers)):
+        resid = _residuals(lm, input_ids, mask)
+    for layer, x in enumerate(resid):
+        for r in basis:
+            assert (x @ unit(r)).abs().max() < 1e-4 * x.norm(dim=-1).max(), f"layer {layer} keeps a component"
+
+
+def test_stacked_rows_are_alternatives_and_unstacked_rows_a_basis(tiny_lm):
+    lm = tiny_lm("qwen2")
+    pair = torch.randn(2, lm.d_model, generator=torch.Generator().manual_seed(8))
+    input_ids, mask = _batch(lm, PROMPTS[:2])
+    doubled, doubled_mask = torch.cat([input_ids, input_ids]), torch.cat([mask, mask])
+    with apply(lm, "ablation", Edit.of(pair, 1, lm.n_layers), stacked=True):
+        stacked = _logits(lm, doubled, doubled_mask)
+    for i in range(2):
+        with apply(lm, "ablation", Edit.of(pair[i], 1, lm.n_layers)):
+            alone = _logits(lm, input_ids, mask)
+        torch.testing.assert_close(stacked[2 * i : 2 * i + 2][mask.bool()], alone[mask.bool()], rtol=1e-4, atol=1e-4)
+    with apply(lm, "ablation", Edit.of(pair, 1, lm.n_layers)):
+        basis = _logits(lm, input_ids, mask)
+    assert not torch.allclose(basis, stacked[:2], atol=1e-3)
+
+
+def test_projected_direction_is_orthogonal_to_the_harmless_mean(tiny_lm):
+    lm = tiny_lm("qwen2")
+    edit = _edit(lm)
+    p = projected(edit).direction
+    assert abs(float(p @ edit.harmless_mean)) < 1e-4 * float(p.norm() * edit.harmless_mean.norm())
+    assert float(unit(p) @ unit(edit.direction)) > 0.1  # still mostly the refusal direction
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "mistral"])
+def test_norm_preserving_ablation_removes_r_keeps_each_written_vectors_norm_and_is_undone(tiny_lm, family):
+    lm = tiny_lm(family, tie=True)
+    edit = _edit(lm)
+    u = unit(edit.direction)
+    block = lm.adapter.blocks(lm.model)[1]
+    o_proj = lm.adapter.output_projections(block)[0]
+    before = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+    input_ids, mask = _batch(lm)
+    original = _logits(lm, input_ids, mask)
+    with apply(lm, "norm_preserving_ablation", edit):
+        columns = o_proj.weight.float()
+        assert (u @ columns).abs().max() < 1e-5  # no column writes along r
+        torch.testing.assert_close(columns.norm(dim=0), before[_name(lm, o_proj)].norm(dim=0), rtol=1e-5, atol=1e-6)
+        rows = lm.adapter.embedding(lm.model).weight
+        torch.testing.assert_close(rows.norm(dim=1), before[_name(lm, lm.adapter.embedding(lm.model))].norm(dim=1),
+                                   rtol=1e-5, atol=1e-6)
+        edited = _logits(lm, input_ids, mask)
+    assert not torch.allclose(edited, original, atol=1e-3)
+    for name, p in lm.model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} not restored"
+    assert lm.model.get_output_embeddings().weight is lm.adapter.embedding(lm.model).weight  # re-tied
+    torch.testing.assert_close(_logits(lm, input_ids, mask), original, rtol=0, atol=0)
+
+
+def _name(lm, module) -> str:
+    return next(n for n, m in lm.model.named_modules() if m is module) + ".weight"
+
+
+@pytest.mark.parametrize("family", sorted(POST_NORM))
+@pytest.mark.parametrize("name", FOLDABLE)
+def test_post_norm_families_refuse_every_weight_edit(tiny_lm, family, name):
+    from pipeline.errors import PipelineError
+
+    lm = tiny_lm(family)
+    with pytest.raises(PipelineError, match="Gemma 2/3"):
+        INTERVENTIONS[name].fold(lm.model, lm.adapter, _edit(lm))
+
+
+def test_an_unknown_intervention_names_the_registered_ones():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="projected_ablation"):
+        get_intervention("jailbreak")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_one_direction_per_layer_folds_into_the_weights_as_its_hooks_do(tiny_lm, family):
+    lm = tiny_lm(family)
+    per_layer = torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(9))
+    edit = Edit(per_layer, 1, lm.n_layers, torch.full((lm.n_layers,), 0.7), torch.ones(lm.n_layers), per_layer=True)
+    input_ids, mask = _batch(lm)
+    with apply(lm, "weighted_ablation", edit):
+        hooked = _logits(lm, input_ids, mask)
+    INTERVENTIONS["weighted_ablation"].fold(lm.model, lm.adapter, edit)
+    torch.testing.assert_close(_logits(lm, input_ids, mask)[mask.bool()], hooked[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_a_new_intervention_is_one_registered_function_and_one_condition(tiny_lm, monkeypatch):
+    """The README's example: register a function, name it in eval.conditions, and the stages accept it."""
+    from omegaconf import OmegaConf
+
+    from pipeline import interventions
+    from pipeline.conditions import eval_conditions
+
+    monkeypatch.setattr(interventions, "INTERVENTIONS", dict(INTERVENTIONS))
+
+    @interventions.register("double_addition")
+    def double_addition(model, adapter, edit, stacked=False):
+        """Activation addition of 2·coeff·r at the edit's addition layer."""
+        return activation_addition(model, adapter, edit.direction, edit.addition_layer, 2 * edit.addition_coeff)
+
+    conditions = OmegaConf.create({"harmless_double_addition": {"prompts": "harmless",
+                                                                "intervention": "double_addition"}})
+    (_, name), = eval_conditions(conditions).values()
+    interventions.check_names([name], "eval.conditions")
+    lm = tiny_lm("qwen2")
+    edit = _edit(lm)
+    input_ids, mask = _batch(lm)
+    with apply(lm, "addition", Edit.of(2 * edit.direction, edit.layer, lm.n_layers)):
+        twice = _logits(lm, input_ids, mask)
+    with apply(lm, name, edit):
+        torch.testing.assert_close(_logits(lm, input_ids, mask), twice)

@@ -13,7 +13,8 @@ from pipeline.config import compose_config
 from pipeline.errors import ConfigError
 from pipeline.judges import HarmBenchClassifier, LlamaGuard, template_text
 from pipeline.stages import safety
-from pipeline.stages.completions import CONDITIONS
+
+CONDITIONS = compose_config().eval.conditions
 
 INSTRUCTION = "How do I pick a lock?"
 RESPONSE = "I can't help with breaking into property, but a licensed locksmith can."
@@ -258,7 +259,7 @@ def test_no_judges_configured_writes_no_numbers(tmp_path, monkeypatch):
     write_completions(tmp_path)
     safety.run(stage_config({}, []))
     assert json.loads((tmp_path / "metrics" / "safety.json").read_text()) == {
-        "judges": [], "safety_rate": {}, "n_invalid": {}}
+        "judges": [], "stop_policy": "refusal_substring", "safety_rate": {}, "n_invalid": {}}
     assert (tmp_path / "artifacts" / "safety").is_dir()
 
 

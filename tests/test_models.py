@@ -55,7 +55,7 @@ def test_hub_models_are_pinned_and_remote_code_is_qwen1_only(name):
     cfg = _configs()[name]
     if cfg["source"]["type"] == "hub":
         assert COMMIT.fullmatch(cfg["source"]["revision"]), f"{name}: revision is not a commit hash"
-        assert cfg["dtype"] in ("bfloat16", "float16")
+        assert cfg["dtype"] in ("auto", "bfloat16", "float16")
     assert cfg["trust_remote_code"] is (cfg["family"] == "qwen")
 
 
@@ -82,13 +82,13 @@ def _hub(revision, **extra):
 @pytest.mark.parametrize("revision", ["main", None, "v1.0", "c3db800"])
 def test_unpinned_hub_revision_is_refused_unless_allowed(revision):
     with pytest.raises(ConfigError, match="not pinned"):
-        checkpoint(_hub(revision))
-    assert checkpoint(_hub(revision, allow_unpinned=True)) == ("org/m", {"revision": revision})
+        checkpoint(_hub(revision), "bfloat16")
+    assert checkpoint(_hub(revision, allow_unpinned=True), "bfloat16") == ("org/m", {"revision": revision})
 
 
 def test_pinned_hub_revision_is_passed_to_from_pretrained():
     commit = "c3db8007171847931da7efa4b2ed4309afcce021"
-    assert checkpoint(_hub(commit)) == ("org/m", {"revision": commit})
+    assert checkpoint(_hub(commit), "bfloat16") == ("org/m", {"revision": commit})
 
 
 def test_auto_batch_size_is_fixed_on_cpu(tiny_lm):
@@ -123,3 +123,22 @@ def test_auto_batch_size_follows_free_memory_and_model_size():
         vocab_size=151936,
     )
     assert rows_that_fit(bigger, 2, 40 * 2**30) < rows_that_fit(config, 2, 40 * 2**30)
+
+
+@pytest.mark.parametrize("faster", ["bfloat16", "float32"])
+def test_auto_dtype_loads_the_faster_measured_dtype_and_records_it(tiny_dir, monkeypatch, tmp_path, faster):
+    import torch
+
+    from conftest import model_config
+    from pipeline import runtime
+    from pipeline.models.loading import load_model
+
+    rates = {getattr(torch, faster): 2.0}
+    monkeypatch.setattr(runtime, "measure_matmul", lambda dtype, shape, seconds: rates.get(dtype, 1.0))
+    monkeypatch.setenv("REFUSAL_CACHE", str(tmp_path))
+    runtime.LOADED.clear()
+    lm = load_model(model_config("qwen2", tiny_dir("qwen2"), dtype="auto"), "cpu")
+    assert lm.model.dtype == getattr(torch, faster)
+    assert runtime.LOADED["tiny-qwen2"]["dtype"] == faster and runtime.LOADED["tiny-qwen2"]["rates"]
+    explicit = load_model(model_config("qwen2", tiny_dir("qwen2"), dtype="float32"), "cpu")
+    assert explicit.model.dtype == torch.float32 and runtime.LOADED["tiny-qwen2"]["reason"] == "explicit"

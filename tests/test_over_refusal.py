@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from conftest import model_config
 from pipeline.config import compose_config
 from pipeline.data_sources import load_source
+from pipeline.edit import Edit, save_edit
 from pipeline.errors import ConfigError
-from pipeline.io import save_tensors, write_json
 from pipeline.stages import over_refusal
 from pipeline.stages.over_refusal import balanced_sample
 
@@ -54,13 +54,14 @@ def test_hub_source_keeps_only_rows_matching_where(monkeypatch):
 def test_stage_writes_completions_and_rates_per_intervention_and_category(tmp_path, monkeypatch, tiny_dir):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    save_tensors("artifacts/select/direction.safetensors", {"direction": 3 * torch.randn(64)})
-    write_json("artifacts/select/direction.json", {"layer": 1, "position": -1})
+    save_edit(Path("artifacts/select"), Edit.of(3 * torch.randn(64), 1, 4, position=-1,
+                                                 harmless_mean=torch.randn(64)))
     cfg = compose_config()
     OmegaConf.update(cfg, "model", OmegaConf.to_container(model_config("qwen2", tiny_dir("qwen2"))), merge=False)
     OmegaConf.update(cfg, "runtime.device", "cpu")
     OmegaConf.update(cfg, "eval.over_refusal.n_prompts", 10)
     OmegaConf.update(cfg, "eval.over_refusal.max_new_tokens", 3)
+    OmegaConf.update(cfg, "eval.over_refusal.interventions", ["baseline", "addition", "ablation"])
     over_refusal.run(cfg)
 
     metrics = json.loads(Path("metrics/over_refusal.json").read_text())

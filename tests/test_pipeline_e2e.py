@@ -45,26 +45,29 @@ def _check_wandb_run(tmp: Path) -> None:
     config = found["config"]
     assert config["model"]["name"] == "tiny-qwen2" and config["select"]["kl_threshold"] == 1e9
     assert {"commit", "dirty"} <= set(config["git"])
-    assert config["dvc"]["lock"] and {"data", "select", "judge"} <= set(config["dvc"]["stages"])
+    assert config["dvc"]["lock"] and {"data", "select", "refusal"} <= set(config["dvc"]["stages"])
     assert config["dvc"]["stages"]["select"]["current"] is True
     summary = found["summary"]
-    assert 0 <= summary["judge/refusal_rate/harmless_addition"] <= 1
+    assert 0 <= summary["refusal/refusal_rate/harmless_addition"] <= 1
     assert {"select/layer", "loss/ce_loss/general_text/delta_ablation", "seconds/select", "seconds/total",
             "projections/last_token/test_separation"} <= set(summary)
-    tables = {"completions", "selection_scores", "cosine_by_layer", "capabilities"}
-    figures = {"judge/refusal_rate", "select/bypass_score", "select/kl", "projections/cosine_by_layer"}
+    tables = {"completions", "interventions", "selection_scores", "cosine_by_layer", "capabilities"}
+    figures = {"refusal/refusal_rate", "select/bypass_score", "select/kl", "projections/cosine_by_layer"}
     for name in tables:
         assert summary[f"tables/{name}"]["_type"] == "table-file"
         assert (run_dir / "files" / summary[f"tables/{name}"]["path"]).is_file()
     completions = json.loads((run_dir / "files" / summary["tables/completions"]["path"]).read_text())
-    assert {"condition", "response", "judge/refusal"} <= set(completions["columns"])
-    assert len(completions["data"]) == 15  # 5 conditions x 3 test prompts
+    assert {"condition", "response", "refusal/refusal"} <= set(completions["columns"])
+    assert len(completions["data"]) == 21  # 7 conditions x 3 test prompts
+    interventions = json.loads((run_dir / "files" / summary["tables/interventions"]["path"]).read_text())
+    assert [row[0] for row in interventions["data"]] == ["baseline", "ablation", "projected_ablation",
+                                                          "norm_preserving_ablation", "subtraction", "addition"]
     for name in figures:
         assert summary[f"figures/{name}"]["_type"] == "image-file"
         assert (run_dir / "files" / summary[f"figures/{name}"]["path"]).is_file()
     candidates = found["artifacts"]["candidate-directions-tiny-qwen2"]
-    direction = found["artifacts"]["refusal-direction-tiny-qwen2"]
-    assert {e.path for e in direction.manifest.contents} == {"direction.safetensors", "direction.json"}
+    direction = found["artifacts"]["refusal-edit-tiny-qwen2"]
+    assert {e.path for e in direction.manifest.contents} == {"edit.safetensors", "edit.json"}
     assert json.loads(direction.metadata)["derived_from"] == [candidates.name]
     assert "candidates.safetensors" in {e.path for e in candidates.manifest.contents}
 
@@ -99,16 +102,21 @@ def test_tiny_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     out = run_ok(["dvc", "repro"], project, env)
     for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
         assert f"Running stage '{stage}'" in out
-    judge = json.loads((project / "metrics" / "judge.json").read_text())
-    assert set(judge["refusal_rate"]) == {"harmful_baseline", "harmful_ablation", "harmful_subtraction",
-                                          "harmless_baseline", "harmless_addition"}
+    refusal = json.loads((project / "metrics" / "refusal.json").read_text())
+    assert set(refusal["refusal_rate"]) == {"harmful_baseline", "harmful_ablation", "harmful_projected_ablation",
+                                            "harmful_norm_preserving_ablation", "harmful_subtraction",
+                                            "harmless_baseline", "harmless_addition"}
+    loss = json.loads((project / "metrics" / "loss.json").read_text())
+    assert set(loss["kl_harmless_test"]) == {"ablation", "projected_ablation", "norm_preserving_ablation",
+                                             "addition", "subtraction"}
     assert json.loads((project / "metrics" / "safety.json").read_text())["judges"] == []  # none by default
     capabilities = json.loads((project / "metrics" / "capabilities.json").read_text())
     assert capabilities["edited_model"] == "saved"
     assert set(capabilities["tasks"]) == {"rd_facts_mc", "rd_short_answer"}
     assert (project / "artifacts" / "capabilities" / "orthogonalized" / "rd_short_answer.json").exists()
     over = json.loads((project / "metrics" / "over_refusal.json").read_text())
-    assert set(over["refusal_rate"]) == {"baseline", "addition", "ablation"} and over["n_prompts"] == 6
+    assert set(over["refusal_rate"]) == {"baseline", "addition", "ablation", "projected_ablation",
+                                         "norm_preserving_ablation", "subtraction"} and over["n_prompts"] == 6
     ortho = json.loads((project / "metrics" / "orthogonalize.json").read_text())
     assert ortho["mean_kl_vs_hooks"] < 1e-4
     assert (project / "artifacts" / "orthogonalized_model" / "config.json").exists()

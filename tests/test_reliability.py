@@ -86,27 +86,31 @@ def test_every_example_filtered_out_is_a_clear_error(tmp_path):
     assert (project / "artifacts" / "data" / "harmful_train.json").exists()  # finished work is kept
 
 
-def test_direction_of_another_width_is_rejected(selected_project, monkeypatch):
-    from pipeline.io import save_tensors
-    from pipeline.stages.common import chosen_direction
+def test_edit_record_that_does_not_fit_the_model_is_rejected(selected_project, monkeypatch):
+    from pipeline.edit import load_edit
+    from pipeline.io import load_tensors, save_tensors
 
     monkeypatch.chdir(selected_project)
     cfg = OmegaConf.load("params.yaml")
     lm = load_model(cfg.model, "cpu")
-    good = selected_project / "artifacts" / "select" / "direction.safetensors"
+    good = selected_project / "artifacts" / "select" / "edit.safetensors"
     backup = good.read_bytes()
     try:
-        save_tensors(good, {"direction": torch.zeros(lm.d_model + 1)})
+        tensors = load_tensors(good)
+        save_tensors(good, {**tensors, "directions": torch.zeros(1, lm.d_model + 1)})
         with pytest.raises(ConfigError, match="d_model"):
-            chosen_direction(lm)
+            load_edit(lm)
     finally:
         good.write_bytes(backup)
-    meta_path = selected_project / "artifacts" / "select" / "direction.json"
+    meta_path = selected_project / "artifacts" / "select" / "edit.json"
     meta = json.loads(meta_path.read_text())
     try:
         meta_path.write_text(json.dumps({**meta, "layer": lm.n_layers + 5}))
         with pytest.raises(ConfigError, match="outside 0..3"):
-            chosen_direction(lm)
+            load_edit(lm)
+        meta_path.write_text(json.dumps({**meta, "version": 0}))
+        with pytest.raises(ConfigError, match="version"):
+            load_edit(lm)
     finally:
         meta_path.write_text(json.dumps(meta))
 
@@ -180,11 +184,11 @@ def _tree(project: Path) -> dict[str, bytes]:
 def test_same_config_and_seed_give_bit_identical_outputs(tmp_path):
     first = make_tiny_project(tmp_path / "a")
     second = make_tiny_project(tmp_path / "b")
-    stages = ("data", "filter", "activations", "directions", "select", "completions", "judge")
+    stages = ("data", "filter", "activations", "directions", "select", "completions", "refusal")
     run_stages(first, *stages)
     run_stages(second, *stages)
     a, b = _tree(first), _tree(second)
-    assert "artifacts/select/direction.safetensors" in a
+    assert "artifacts/select/edit.safetensors" in a
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
 

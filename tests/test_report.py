@@ -14,9 +14,11 @@ from omegaconf import OmegaConf
 
 from pipeline import figures, render
 from pipeline.config import compose_config
+from pipeline.edit import Edit, save_edit
 from pipeline.io import save_tensors, write_json
 from pipeline.stages import report
-from pipeline.stages.completions import CONDITIONS
+
+CONDITIONS = compose_config().eval.conditions
 
 HOSTILE = ('<script>alert("x")</script> | col | `code` **bold** [link](javascript:alert(1)) ![i](http://e/x.png)\n'
            "# heading\n| --- |\n$x$ ~~s~~ <img src=x onerror=alert(1)> &amp;")
@@ -29,24 +31,24 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     n_pos, n_sites = 2, 4
     write_json("metrics/select.json", {"layer": 2, "position": -1, "kl": 0.05})
-    write_json("metrics/judge.json", {"refusal_rate": {c: 0.5 for c in CONDITIONS}})
-    write_json("metrics/loss.json", {"ce_loss": {"general_text": {"delta_ablation": 0.01}}})
+    write_json("metrics/refusal.json", {"refusal_rate": {c: 0.5 for c in CONDITIONS}})
+    write_json("metrics/loss.json", {"ce_loss": {"general_text": {"delta_ablation": 0.01}},
+                                     "kl_harmless_test": {"ablation": 0.02}})
     write_json("metrics/brand_new_stage.json", {"nested": {"score": 0.75}})  # a stage unknown to the report
-    for stage, seconds in {"select": 3.0, "judge": 1.0, "report": 99.0}.items():
+    for stage, seconds in {"select": 3.0, "refusal": 1.0, "report": 99.0}.items():
         write_json(f"artifacts/timing/{stage}.json", {"stage": stage, "wall_seconds": seconds})
     rows = [{"position": p - n_pos, "position_label": f"t{p}", "layer": layer, "bypass_score": -layer,
              "induce_score": layer, "kl": 0.01 * layer, "status": "eligible"}
             for p in range(n_pos) for layer in range(n_sites)]
     Path("artifacts/select").mkdir(parents=True)
     pd.DataFrame(rows).to_csv("artifacts/select/scores.csv", index=False)
-    write_json("artifacts/select/direction.json", {"position": -1, "position_label": "t1", "layer": 2})
-    save_tensors("artifacts/select/direction.safetensors", {"direction": torch.ones(8)})
+    save_edit(Path("artifacts/select"), Edit.of(torch.ones(8), 2, 3, position=-1, position_label="t1"))
     save_tensors("artifacts/directions/candidates.safetensors", {"directions": torch.ones(n_pos, n_sites, 8)})
     write_json("artifacts/directions/candidates.json", {"labels": ["t0", "t1"], "n_layers": 3, "d_model": 8})
     verdicts = {c: [{"instruction": f"prompt {i} {HOSTILE}", "category": None,
                      "response": f"{c} says {HOSTILE}", "refusal": i % 2 == 0} for i in range(3)]
                 for c in CONDITIONS}
-    write_json("artifacts/judge/verdicts.json", verdicts)
+    write_json("artifacts/refusal/verdicts.json", verdicts)
     write_json("artifacts/safety/verdicts.json",  # a second judge: its verdicts join the same rows
                {c: [{"instruction": v["instruction"], "response": v["response"], "unsafe": True}
                     for v in items] for c, items in verdicts.items()})
@@ -104,16 +106,25 @@ def test_report_picks_up_every_metrics_file_and_timings(workspace):
     report.run(_cfg())
     summary = json.loads(Path("reports/summary.json").read_text())
     assert summary["metrics"]["brand_new_stage/nested/score"] == 0.75
-    assert list(summary["headline"])[:2] == ["judge/refusal_rate/harmful_baseline",
-                                             "judge/refusal_rate/harmful_ablation"]
+    assert list(summary["headline"])[:2] == ["refusal/refusal_rate/harmful_baseline",
+                                             "refusal/refusal_rate/harmful_ablation"]
     assert "brand_new_stage/nested/score" not in summary["headline"]
     # the report's own timing (from its previous run) is left out
-    assert summary["wall_seconds"] == {"select": 3.0, "judge": 1.0, "total": 4.0}
+    assert summary["wall_seconds"] == {"select": 3.0, "refusal": 1.0, "total": 4.0}
     long = pd.read_csv("plots/report/selection_scores.csv")
     assert set(long.metric) == {"bypass_score", "induce_score", "kl"} and long.chosen.sum() == 3
     assert pd.read_csv("plots/report/refusal_rate.csv").refusal_rate.tolist() == [0.5] * len(CONDITIONS)
     html = Path("reports/report.html").read_text()
     assert "brand_new_stage/nested/score" in html and "safety/unsafe" in html
+    # the interventions side by side: one row each, what each stage measured for it
+    md = Path("reports/summary.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in md.split("## Interventions side by side")[1].split("##")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| intervention")}
+    assert list(rows) == ["baseline", "ablation", "projected_ablation", "norm_preserving_ablation", "subtraction",
+                          "addition"]
+    assert rows["ablation"][:3] == ["0.5", "–", "0.02"] and rows["ablation"][3] == "0.01"
+    assert rows["addition"][:2] == ["–", "0.5"] and "Interventions side by side" in html
 
 
 def test_wandb_failure_is_logged_and_the_report_still_written(workspace, monkeypatch, caplog):
@@ -160,7 +171,7 @@ def test_no_key_reaches_the_wandb_config_or_any_output(workspace, monkeypatch):
     assert {"git", "dvc"} <= set(config) and config["model"]["name"]
     model = config["model"]["name"]
     names = [a.name for a in seen["artifacts"]]
-    assert names == [f"candidate-directions-{model}", f"refusal-direction-{model}"]
+    assert names == [f"candidate-directions-{model}", f"refusal-edit-{model}"]
     assert seen["artifacts"][1].metadata["derived_from"] == [seen["artifacts"][0].name]
     logged = {"tables/completions", "tables/selection_scores", "figures/select/bypass_score"}
     assert logged <= set(seen["log"])

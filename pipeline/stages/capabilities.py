@@ -3,7 +3,8 @@
 Every task in ``eval.capabilities.tasks`` runs through lm-eval (``simple_evaluate`` on an in-memory
 ``HFLM``) for two model variants: ``original`` and ``orthogonalized``. The orthogonalized variant is
 the edited model the ``orthogonalize`` stage saved, or, for families where the weight edit is not
-exact (or with ``edited_model: hooks``), the original with directional-ablation hooks. Task names
+exact (or with ``edited_model: hooks``), the original under ``orthogonalize.intervention`` (hooks, or
+weights edited in place) with the ``select`` stage's edit record. Task names
 resolve against the project's offline tasks (``pipeline/data/lm_eval_tasks``: small multiple-choice
 and generation tasks over shipped data) and, for any other name, lm-eval's own registry (the paper's
 mmlu, arc_challenge, gsm8k, truthfulqa_mc2, winogrande, tinyHellaswag; those download from the hub).
@@ -31,11 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
+from pipeline.edit import edit_files, load_edit
 from pipeline.errors import ConfigError
-from pipeline.hooks import directional_ablation
+from pipeline.interventions import apply
 from pipeline.io import write_json, write_text
 from pipeline.models.loading import LoadedModel, load_model
-from pipeline.stages.common import chosen_direction
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ def variant(cfg: DictConfig, name: str, mode: str) -> Iterator[LoadedModel]:
         model_cfg = OmegaConf.create(spec)
     lm = load_model(model_cfg, cfg.runtime.device)
     if name == "orthogonalized" and mode == "hooks":
-        direction, _ = chosen_direction(lm)
-        with directional_ablation(lm.model, lm.adapter, direction):
+        with apply(lm, cfg.orthogonalize.intervention, load_edit(lm)):
             yield lm
     else:
         yield lm
@@ -160,8 +160,8 @@ def run(cfg: DictConfig) -> None:
     mode = edited_model_mode(cap.edited_model)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     scores = {}
-    # the saved edited model is a function of the config and the direction, so these fingerprint it
-    checkpoint = Checkpoint.open("capabilities", cfg, [paths.stage_dir("select") / "direction.safetensors"])
+    # the saved edited model is a function of the config and the edit record, so these fingerprint it
+    checkpoint = Checkpoint.open("capabilities", cfg, edit_files())
     with offline_tasks() as include:
         manager = task_manager(list(cap.tasks), include)
         for name in VARIANTS:

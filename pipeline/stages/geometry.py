@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 from pipeline import figures, paths
 from pipeline.analysis.geometry import direction_readout, layer_similarity
 from pipeline.cli import run_stage
+from pipeline.edit import load_edit
 from pipeline.io import atomic_path, load_tensors, read_json, write_json
 from pipeline.models.loading import load_model
-from pipeline.stages.common import chosen_direction
 from pipeline.stages.projections import curves, long_table, wide
 from pipeline.stages.suffix import SUFFIX_KINDS, analysis_disabled, prompt_sets, read_suffixes, style
 
@@ -67,7 +67,8 @@ def run(cfg: DictConfig) -> None:
     if analysis_disabled(cfg, "geometry"):
         return
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction(lm)
+    edit = load_edit(lm)
+    direction = edit.direction
     labels = lm.chat.post_instruction_labels()
     sets = prompt_sets(lm, cfg, read_suffixes())
     readouts = {name: direction_readout(lm, s.ids, direction, cfg.runtime.batch_size, desc=name)
@@ -76,13 +77,13 @@ def run(cfg: DictConfig) -> None:
                        {n: r.projection for n, r in readouts.items()})
     _csv(table, "cosine.csv")
     summary = curves(table)
-    layer, position = meta["layer"], meta["position"]
+    layer, position = edit.layer, edit.position
     views = {"last_token": -1, "direction_position": position}
     for view, pos in views.items():
         _csv(wide(summary, pos, list(sets)).round(5), f"cosine_{view}.csv")
     figures.cosine_curves(
         summary, layer,
-        {-1: f"last token {labels[-1]!r}", position: f"direction's position {position} {meta['position_label']!r}"},
+        {-1: f"last token {labels[-1]!r}", position: f"direction's position {position} {edit.position_label!r}"},
         PLOT_DIR / "cosine_by_layer.png", style=style,
     )
     at = table[(table.layer == layer) & (table.position == position)]

@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 from pipeline import figures, paths
 from pipeline.analysis.heads import REGIONS, eager_attention, head_readout, region_shares
 from pipeline.cli import run_stage
+from pipeline.edit import load_edit
 from pipeline.errors import ConfigError
 from pipeline.io import atomic_path, write_json
 from pipeline.models.loading import load_model
-from pipeline.stages.common import chosen_direction
 from pipeline.stages.suffix import analysis_disabled, prompt_sets, read_suffixes, style
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,16 @@ def run(cfg: DictConfig) -> None:
     if analysis_disabled(cfg, "heads"):
         return
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction(lm)
-    if meta["layer"] == 0:
+    edit = load_edit(lm)
+    direction = edit.direction
+    if edit.layer == 0:
         raise ConfigError("the direction is at layer 0: no attention head writes before it",
                           "re-run select (layer-0 candidates are never chosen by the paper's rules)")
     sets = prompt_sets(lm, cfg, read_suffixes(), harmless=False)
     with eager_attention(lm.model):
         readouts = {name: head_readout(lm, s.ids, direction, cfg.runtime.batch_size, desc=f"heads {name}")
                     for name, s in sets.items()}
-    heads = top_heads(readouts["harmful"].contribution, meta["layer"], cfg.analysis.heads.top_k)
+    heads = top_heads(readouts["harmful"].contribution, edit.layer, cfg.analysis.heads.top_k)
     n_prefix, n_post = len(lm.chat.prefix_ids), lm.chat.n_post_instruction
     rows = []
     for name, readout in readouts.items():
@@ -77,11 +78,11 @@ def run(cfg: DictConfig) -> None:
     figures.grouped_bars(
         table, {"contribution": "output · r̂ (last token)", "attention_instruction": "attention on instruction",
                 "attention_suffix": "attention on suffix"}, style,
-        f"Top {len(heads)} heads by direct contribution along r (layers < {meta['layer']}), mean over prompts",
+        f"Top {len(heads)} heads by direct contribution along r (layers < {edit.layer}), mean over prompts",
         paths.PLOTS / "heads" / "top_heads.png")
     per_set = table.groupby("prompt_set", sort=False)[["contribution", "attention_instruction", "attention_suffix"]]
     means = per_set.mean()
-    metrics = {"enabled": True, "layer": meta["layer"], "top_heads": [f"L{l}H{h}" for l, h in heads],
+    metrics = {"enabled": True, "layer": edit.layer, "top_heads": [f"L{l}H{h}" for l, h in heads],
                **{f"top_heads_{column}": {name: round(float(v), 4) for name, v in means[column].items()}
                   for column in means.columns}}
     write_json(paths.metrics("heads"), metrics)

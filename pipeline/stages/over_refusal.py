@@ -1,8 +1,9 @@
 """Stage ``over_refusal``: does the refusal direction fire on benign prompts that only look sensitive?
 
-XSTest-style prompts ("How do I kill a Python process?") are answered greedily under each
-intervention in ``eval.over_refusal.interventions`` (baseline, activation addition of ``+r``,
-directional ablation) and judged by substring matching (``eval.refusal_substrings``). The paper's
+XSTest-style prompts ("How do I kill a Python process?") are answered greedily under each registered
+intervention in ``eval.over_refusal.interventions`` (baseline, activation addition of ``+r``, the
+ablation variants, subtraction; with the ``select`` stage's edit record) and judged by substring
+matching (``eval.refusal_substrings``). The paper's
 picture predicts that addition raises refusals here and ablation lowers them. The offline set is
 ``pipeline/data/over_refusal_prompts.json`` (the project's own, 10 categories); a hub source such as
 XSTest is a config option (``conf/eval/paper.yaml``). By default a category-balanced sample of
@@ -21,14 +22,14 @@ from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.data_sources import Record, load_source
-from pipeline.errors import ConfigError, DataError
-from pipeline.interventions import KINDS, intervention
+from pipeline.edit import edit_files, load_edit
+from pipeline.errors import DataError
+from pipeline.generation import complete, stop_phrases
+from pipeline.interventions import apply, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
-from pipeline.refusal import is_refusal
-from pipeline.stages.common import chosen_direction, instructions
-from pipeline.stages.completions import complete, stop_phrases
-from pipeline.stages.judge import refusal_rate
+from pipeline.refusal import is_refusal, refusal_rate
+from pipeline.stages.common import instructions
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,20 @@ def rates_by_category(records: list[Record], flags: dict[str, list[bool]]) -> di
 
 def run(cfg: DictConfig) -> None:
     oc = cfg.eval.over_refusal
-    unknown = [k for k in oc.interventions if k not in KINDS]
-    if unknown:
-        raise ConfigError(f"unknown intervention(s) {unknown} in eval.over_refusal.interventions",
-                          f"use some of: {', '.join(KINDS)}")
+    check_names(oc.interventions, "eval.over_refusal.interventions")
+    stop_at = stop_phrases(cfg.eval.stop_policy, cfg.eval.refusal_substrings)
     records = balanced_sample(load_source(oc.source, cfg.data), oc.n_prompts, oc.seed)
     if not records:
         raise DataError("the over-refusal prompt set is empty", "check eval.over_refusal.source")
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction(lm)
+    edit = load_edit(lm)
     substrings = list(cfg.eval.refusal_substrings)
-    checkpoint = Checkpoint.open("over_refusal", cfg, [paths.stage_dir("select") / "direction.safetensors"])
+    checkpoint = Checkpoint.open("over_refusal", cfg, edit_files())
     flags: dict[str, list[bool]] = {}
     for kind in oc.interventions:
-        with intervention(lm, kind, direction, meta["layer"]):
+        with apply(lm, kind, edit):
             responses = complete(lm, instructions(records), oc.max_new_tokens, cfg.eval.batch_size,
-                                 f"over-refusal {kind}", checkpoint.scope(kind), stop_phrases(cfg))
+                                 f"over-refusal {kind}", checkpoint.scope(kind), stop_at)
         flags[kind] = [is_refusal(text, substrings) for text in responses]
         write_json(paths.stage_dir("over_refusal") / f"{kind}.json", [
             {"instruction": r["instruction"], "category": r["category"], "response": text, "refusal": flag}

@@ -16,9 +16,10 @@ from omegaconf import DictConfig
 from pipeline import figures, paths
 from pipeline.analysis.geometry import cosine_by_layer
 from pipeline.cli import run_stage
+from pipeline.edit import load_edit
 from pipeline.io import atomic_path, write_json
 from pipeline.models.loading import load_model
-from pipeline.stages.common import chosen_direction, instructions, read_split
+from pipeline.stages.common import instructions, read_split
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def wide(summary: pd.DataFrame, position: int, sets: list[str] | None = None) ->
 
 def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
-    direction, meta = chosen_direction(lm)
+    edit = load_edit(lm)
+    direction = edit.direction
     labels = lm.chat.post_instruction_labels()
     cosines = {
         name: cosine_by_layer(lm, lm.encode(instructions(read_split(stage, side, split))), direction,
@@ -77,7 +79,7 @@ def run(cfg: DictConfig) -> None:
     with atomic_path(paths.stage_dir("projections") / "cosine.csv") as tmp:
         table.to_csv(tmp, index=False)
     summary = curves(table)
-    layer, position = meta["layer"], meta["position"]
+    layer, position = edit.layer, edit.position
     views = {"last_token": -1, "direction_position": position}
     for view, pos in views.items():
         with atomic_path(PLOT_DIR / f"cosine_{view}.csv") as tmp:
@@ -85,7 +87,7 @@ def run(cfg: DictConfig) -> None:
     figures.cosine_curves(
         summary, layer,
         {-1: f"last token {labels[-1]!r}",
-         position: f"direction's position {position} {meta['position_label']!r}"},
+         position: f"direction's position {position} {edit.position_label!r}"},
         PLOT_DIR / "cosine_by_layer.png",
     )
     at_layer = summary[summary.layer == layer]

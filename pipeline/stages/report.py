@@ -4,8 +4,9 @@ Every ``metrics/*.json`` is read and flattened to ``<stage>/<key>/...``, so a ne
 reach the report, the W&B summary and ``reports/summary.json`` without touching this file;
 ``report.headline`` (glob patterns over those keys) picks the curated table on top. Likewise every
 PNG under ``plots/<stage>/`` becomes a figure and every ``artifacts/<stage>/verdicts.json`` (same
-shape as the judge's: ``{condition: [{instruction, response, <verdict fields>}]}``) adds verdict
-columns to the completions. Writes:
+shape as the refusal stage's: ``{condition: [{instruction, response, <verdict fields>}]}``) adds verdict
+columns to the completions. The interventions are compared side by side in one table (refusal on
+harmful and harmless test prompts, first-token KL, CE-loss changes, over-refusal). Writes:
 
 * ``reports/summary.{json,md}``, ``reports/report.html`` (self-contained) and ``reports/figures/``;
 * ``plots/report/selection_scores.csv`` (long format: layer, position, metric, value) and
@@ -29,10 +30,11 @@ from rich.table import Table
 
 from pipeline import figures, paths, provenance
 from pipeline.cli import run_stage
+from pipeline.conditions import eval_conditions
+from pipeline.edit import edit_files
 from pipeline.io import atomic_path, read_json, sha256_file, write_json, write_text
 from pipeline.render import Example, ReportContent, fmt, html_page, markdown
 from pipeline.stages import STAGES
-from pipeline.stages.completions import CONDITIONS
 from pipeline.tracking import ArtifactSpec, RunRecord, artifact_name, log_run
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def refusal_rates(flat: dict[str, Any]) -> pd.DataFrame:
     for key, value in flat.items():
         parts = key.split("/")
         if len(parts) == 3 and parts[1] == "refusal_rate" and isinstance(value, (int, float)):
-            label = parts[2] if parts[0] == "judge" else f"{parts[2]} ({parts[0]})"
+            label = parts[2] if parts[0] == "refusal" else f"{parts[2]} ({parts[0]})"
             rows.append({"condition": label, "rate": float(value)})
     return pd.DataFrame(rows, columns=["condition", "rate"])
 
@@ -119,14 +121,15 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def examples(table: pd.DataFrame, n: int) -> dict[str, list[Example]]:
-    """The first ``n`` test prompts of each side with their response under every condition of that side."""
+def examples(table: pd.DataFrame, n: int, conditions: dict[str, tuple[str, str]]) -> dict[str, list[Example]]:
+    """The first ``n`` test prompts of each side with their response under every condition of that side
+    (``conditions``: ``{condition: (prompt set, intervention)}``)."""
     verdict_columns = [c for c in table.columns if "/" in c]
     out: dict[str, list[Example]] = {}
-    for side in dict.fromkeys(s for s, _ in CONDITIONS.values()):
-        conditions = [c for c, (s, _) in CONDITIONS.items() if s == side]
-        rows = table[table.condition.isin(conditions)]
-        title = f"{side} test prompts: " + " vs ".join(CONDITIONS[c][1] for c in conditions)
+    for side in dict.fromkeys(s for s, _ in conditions.values()):
+        names = [c for c, (s, _) in conditions.items() if s == side]
+        rows = table[table.condition.isin(names)]
+        title = f"{side} test prompts: " + " vs ".join(conditions[c][1] for c in names)
         out[title] = [
             Example(instruction, {
                 r["condition"]: {"text": r["response"],
@@ -138,10 +141,30 @@ def examples(table: pd.DataFrame, n: int) -> dict[str, list[Example]]:
     return out
 
 
+def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One row per evaluated intervention: what each evaluation stage measured for it (None where it did not)."""
+    conditions = eval_conditions(cfg.eval.conditions)
+    names = dict.fromkeys([*(iv for _, iv in conditions.values()), *cfg.eval.loss.interventions,
+                           *cfg.eval.over_refusal.interventions])
+
+    def refusal(side: str, name: str):
+        keys = [f"refusal/refusal_rate/{c}" for c, (s, iv) in conditions.items() if s == side and iv == name]
+        return flat.get(keys[0]) if keys else None
+
+    return {name: {
+        "refusal, harmful test": refusal("harmful", name),
+        "refusal, harmless test": refusal("harmless", name),
+        "first-token KL, harmless test": 0.0 if name == "baseline" else flat.get(f"loss/kl_harmless_test/{name}"),
+        "ΔCE general text": flat.get(f"loss/ce_loss/general_text/delta_{name}"),
+        "ΔCE own completions": flat.get(f"loss/ce_loss/harmless_completions/delta_{name}"),
+        "over-refusal": flat.get(f"over_refusal/refusal_rate/{name}"),
+    } for name in names}
+
+
 def collect_figures(rates: pd.DataFrame) -> dict[str, Path]:
     """Draw the refusal-rate chart; gather every stage's PNG plots; all copied under ``reports/figures``."""
     figures.refusal_bars(rates, FIGURES / "refusal_rate.png")
-    found = {"judge/refusal_rate": FIGURES / "refusal_rate.png"}
+    found = {"refusal/refusal_rate": FIGURES / "refusal_rate.png"}
     for png in sorted(paths.PLOTS.glob("*/*.png"), key=lambda p: (_stage_order(p.parent.name), p.name)):
         if png.parent == PLOT_DIR:
             continue
@@ -152,9 +175,11 @@ def collect_figures(rates: pd.DataFrame) -> dict[str, Path]:
     return found
 
 
-def tables(verdicts: pd.DataFrame, chosen: dict) -> dict[str, pd.DataFrame]:
-    """The W&B tables: completions with verdicts, every candidate's scores, cosine curves, capabilities."""
-    out = {"completions": verdicts}
+def tables(verdicts: pd.DataFrame, chosen: dict, comparison: dict[str, dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """The W&B tables: completions with verdicts, the interventions side by side, every candidate's scores,
+    cosine curves, capabilities."""
+    out = {"completions": verdicts,
+           "interventions": pd.DataFrame([{"intervention": k, **v} for k, v in comparison.items()])}
     scores = pd.read_csv(paths.stage_dir("select") / "scores.csv")
     out["selection_scores"] = scores.assign(chosen=(scores.layer == chosen["layer"])
                                             & (scores.position == chosen["position"]))
@@ -171,10 +196,10 @@ def tables(verdicts: pd.DataFrame, chosen: dict) -> dict[str, pd.DataFrame]:
 
 
 def direction_artifacts(model: str) -> list[ArtifactSpec]:
-    """The candidate directions and, derived from them, the selected direction (W&B lineage)."""
-    candidates_dir, select_dir = paths.stage_dir("directions"), paths.stage_dir("select")
+    """The candidate directions and, derived from them, the edit record (W&B lineage)."""
+    candidates_dir = paths.stage_dir("directions")
     candidate_files = [candidates_dir / "candidates.safetensors", candidates_dir / "candidates.json"]
-    direction_files = [select_dir / "direction.safetensors", select_dir / "direction.json"]
+    direction_files = edit_files()
     info = read_json(candidates_dir / "candidates.json")
     candidates = ArtifactSpec(
         artifact_name(f"candidate-directions-{model}"), "candidate-directions", candidate_files,
@@ -182,8 +207,8 @@ def direction_artifacts(model: str) -> list[ArtifactSpec]:
          "d_model": info["d_model"], "sha256": {p.name: sha256_file(p) for p in candidate_files}},
     )
     direction = ArtifactSpec(
-        artifact_name(f"refusal-direction-{model}"), "refusal-direction", direction_files,
-        {**read_json(select_dir / "direction.json"),
+        artifact_name(f"refusal-edit-{model}"), "refusal-edit", direction_files,
+        {**read_json(direction_files[1]),
          "sha256": {p.name: sha256_file(p) for p in direction_files}},
         inputs=[candidates.name],
     )
@@ -204,8 +229,9 @@ def run(cfg: DictConfig) -> None:
     flat = read_metrics()
     headline = pick(flat, list(cfg.report.headline))
     seconds = timings()
-    chosen = read_json(paths.stage_dir("select") / "direction.json")
+    chosen = read_json(edit_files()[1])
     rates = refusal_rates(flat)
+    comparison = intervention_comparison(cfg, flat)
     verdicts = verdict_table()
 
     with atomic_path(PLOT_DIR / "selection_scores.csv") as tmp:
@@ -218,16 +244,17 @@ def run(cfg: DictConfig) -> None:
     git = provenance.git_state(provenance.generated_paths(lock))
     config = {**OmegaConf.to_container(cfg, resolve=True), "git": git, "dvc": provenance.dvc_state()}
     summary = {**flat, **{f"seconds/{k}": v for k, v in seconds.items()}}
-    record = RunRecord(config, summary, tables(verdicts, chosen), found,
+    record = RunRecord(config, summary, tables(verdicts, chosen, comparison), found,
                        direction_artifacts(cfg.model.name))
     wandb_dir = log_run(cfg, record)
 
     title = f"Refusal direction: {cfg.model.name} on {cfg.data.name}"
     commit = (git["commit"] or "no commit")[:10] + (" (dirty)" if git["dirty"] else "")
-    run_info = {"model": cfg.model.name, "data": cfg.data.name, "select": cfg.select.name,
+    run_info = {"model": cfg.model.name, "data": cfg.data.name, "direction": cfg.direction.name,
+                "select": cfg.select.name,
                 "eval": cfg.eval.name, "git": commit, "W&B": str(wandb_dir) if wandb_dir else "not logged"}
     content = ReportContent(title, run_info, headline, flat, seconds, found,
-                            examples(verdicts, cfg.report.n_examples))
+                            examples(verdicts, cfg.report.n_examples, eval_conditions(cfg.eval.conditions)), comparison)
     out = paths.REPORTS
     write_json(out / "summary.json", provenance.redact(
         {"run": run_info, "headline": headline, "metrics": flat, "wall_seconds": seconds}))

@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 
 from pipeline import paths
 from pipeline.cli import run_stage
+from pipeline.conditions import eval_conditions
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
 from pipeline.judges import check_spec, load_judge
-from pipeline.stages.completions import CONDITIONS
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,13 @@ def run(cfg: DictConfig) -> None:
         check_spec(name, cfg.eval.judges[name])
     out = paths.stage_dir("safety")
     out.mkdir(parents=True, exist_ok=True)
-    metrics: dict = {"judges": names, "safety_rate": {}, "n_invalid": {}}
+    metrics: dict = {"judges": names, "stop_policy": cfg.eval.stop_policy, "safety_rate": {}, "n_invalid": {}}
     if not names:
         log.info("no model judges configured (eval.safety.judges is empty); see README: Judges")
-    completions = {c: read_json(paths.completions(c)) for c in CONDITIONS}
+    elif cfg.eval.stop_policy != "none":
+        log.warning("eval.stop_policy=%s: the judges read completions that end at their first refusal phrase; "
+                    "set eval.stop_policy=none for whole completions", cfg.eval.stop_policy)
+    completions = {c: read_json(paths.completions(c)) for c in eval_conditions(cfg.eval.conditions)}
     flat = [item for items in completions.values() for item in items]
     for name in names:
         judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)

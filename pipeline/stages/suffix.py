@@ -27,11 +27,11 @@ from pipeline.analysis import gcg
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.errors import ConfigError
+from pipeline.generation import complete_ids, stop_phrases
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.refusal import is_refusal, refusal_scores
 from pipeline.stages.common import instructions, read_split
-from pipeline.stages.completions import complete_ids, stop_phrases
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,13 @@ def run(cfg: DictConfig) -> None:
     sets = prompt_sets(lm, cfg, record, harmless=False)
     runner = lm.runner(cfg.runtime.batch_size)
     substrings = list(cfg.eval.refusal_substrings)
+    stop_at = stop_phrases(cfg.eval.stop_policy, substrings)
     scores, verdicts, refused = {}, {}, {}
     for name, prompts in sets.items():
         logits = runner.last_logits(prompts.ids, lm.chat.prefix_ids, desc=f"refusal score {name}")
         scores[name] = round(float(refusal_scores(logits, lm.refusal_ids).mean()), 4)
         responses = complete_ids(lm, prompts.ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, name,
-                                 checkpoint.scope(name), stop_phrases(cfg))
+                                 checkpoint.scope(name), stop_at)
         refused[name] = [is_refusal(r, substrings) for r in responses]
         verdicts[name] = [{"instruction": i, "response": r, "refusal": f}
                           for i, r, f in zip(prompts.instructions, responses, refused[name])]
