@@ -17,7 +17,8 @@ and its name in ``eval.conditions`` / ``eval.loss.interventions`` / ``eval.over_
   its layer (so ablation leaves the harmless mean untouched), then ablated as in the paper.
 * ``weighted_ablation``: per-layer strengths (the edit's attention / MLP weights and embedding weight).
 * ``norm_preserving_ablation``: the weight edit that removes the direction from every residual writer
-  and rescales each edited vector to its original norm; evaluated on the folded weights.
+  (with the edit's per-layer weights) and rescales each edited vector to its original norm; evaluated on
+  the folded weights.
 * ``addition`` / ``subtraction``: activation addition of ``±coeff · r`` at the edit's addition layer.
 """
 
@@ -150,9 +151,10 @@ def weighted(model, adapter, edit, stacked=False):
                              edit.embedding_weight, edit.per_layer)
 
 
-register("norm_preserving_ablation", fold=partial(_fold, norm_preserving=True),
-         doc="Weight edit removing the direction from every residual writer, each edited vector rescaled to its "
-             "original norm (no hook form: evaluated on the folded weights).")(None)
+register("norm_preserving_ablation", fold=partial(_fold, weighted=True, norm_preserving=True),
+         doc="Weight edit removing the direction (with the edit's per-layer weights, 1 everywhere unless a search "
+             "set them) from every residual writer, each edited vector rescaled to its original norm (no hook "
+             "form: evaluated on the folded weights).")(None)
 
 
 def _addition(sign: float) -> Hooks:

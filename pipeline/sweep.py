@@ -26,6 +26,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -108,6 +109,7 @@ def fingerprint(stage: str, cfg: DictConfig, upstream: dict[str, str]) -> str:
         params[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
     code, inputs = {}, {}
     for dep in spec.get("deps", []):
+        dep = re.sub(r"\$\{([^}]+)\}", lambda m: str(OmegaConf.select(cfg, m.group(1))), dep)  # dvc.yaml templating
         producers = _producers(dep)
         if not producers:
             code[dep] = _content_hash(ROOT / dep)

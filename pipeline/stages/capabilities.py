@@ -101,7 +101,7 @@ def variant(cfg: DictConfig, name: str, mode: str) -> Iterator[LoadedModel]:
         model_cfg = OmegaConf.create(spec)
     lm = load_model(model_cfg, cfg.runtime.device)
     if name == "orthogonalized" and mode == "hooks":
-        with apply(lm, cfg.orthogonalize.intervention, load_edit(lm)):
+        with apply(lm, cfg.orthogonalize.intervention, load_edit(lm, cfg.eval.edit)):
             yield lm
     else:
         yield lm
@@ -161,7 +161,7 @@ def run(cfg: DictConfig) -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     scores = {}
     # the saved edited model is a function of the config and the edit record, so these fingerprint it
-    checkpoint = Checkpoint.open("capabilities", cfg, edit_files())
+    checkpoint = Checkpoint.open("capabilities", cfg, edit_files(cfg.eval.edit))
     with offline_tasks() as include:
         manager = task_manager(list(cap.tasks), include)
         for name in VARIANTS:

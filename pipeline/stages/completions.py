@@ -32,9 +32,9 @@ def run(cfg: DictConfig) -> None:
     check_names([name for _, name in todo.values()], "eval.conditions")
     stop_at = stop_phrases(cfg.eval.stop_policy, cfg.eval.refusal_substrings)
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     inputs = [paths.split_file("data", side, "test") for side in PROMPT_SETS]
-    checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edit_files()])
+    checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edit_files(cfg.eval.edit)])
     for condition, (side, name) in todo.items():
         records = read_split("data", side, "test")
         with apply(lm, name, edit):

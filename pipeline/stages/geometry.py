@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> None:
     if analysis_disabled(cfg, "geometry"):
         return
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     direction = edit.direction
     labels = lm.chat.post_instruction_labels()
     sets = prompt_sets(lm, cfg, read_suffixes())

@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> None:
     if analysis_disabled(cfg, "heads"):
         return
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     direction = edit.direction
     if edit.layer == 0:
         raise ConfigError("the direction is at layer 0: no attention head writes before it",

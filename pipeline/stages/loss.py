@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> None:
     if "baseline" not in names:
         raise ConfigError("eval.loss.interventions lacks baseline", "add baseline: deltas and KL are against it")
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     docs = load_texts(loss_cfg.text, loss_cfg.max_documents)
     corpora = {
         "general_text": (text_sequences(lm, docs, loss_cfg.max_length), ()),

@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> None:
         raise ConfigError(f"orthogonalize.intervention={intervention.name} cannot be folded into the weights",
                           "use ablation, projected_ablation, weighted_ablation or norm_preserving_ablation")
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     blocker = lm.adapter.orthogonalization_blocker()
     out = paths.stage_dir("orthogonalized_model")
     if blocker:

@@ -69,9 +69,9 @@ def run(cfg: DictConfig) -> None:
     if not records:
         raise DataError("the over-refusal prompt set is empty", "check eval.over_refusal.source")
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     substrings = list(cfg.eval.refusal_substrings)
-    checkpoint = Checkpoint.open("over_refusal", cfg, edit_files())
+    checkpoint = Checkpoint.open("over_refusal", cfg, edit_files(cfg.eval.edit))
     flags: dict[str, list[bool]] = {}
     for kind in oc.interventions:
         with apply(lm, kind, edit):

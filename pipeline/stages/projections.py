@@ -67,7 +67,7 @@ def wide(summary: pd.DataFrame, position: int, sets: list[str] | None = None) ->
 
 def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm)
+    edit = load_edit(lm, cfg.eval.edit)
     direction = edit.direction
     labels = lm.chat.post_instruction_labels()
     cosines = {

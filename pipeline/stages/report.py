@@ -188,6 +188,8 @@ def tables(verdicts: pd.DataFrame, chosen: dict, comparison: dict[str, dict[str,
               for p in sorted((paths.PLOTS / "projections").glob("cosine_*.csv"))]
     if curves:
         out["cosine_by_layer"] = pd.concat(curves, ignore_index=True)
+    if (paths.stage_dir("search") / "trials.csv").exists():
+        out["search_trials"] = pd.read_csv(paths.stage_dir("search") / "trials.csv")
     if paths.metrics("capabilities").exists():
         tasks = read_json(paths.metrics("capabilities"))["tasks"]
         out["capabilities"] = pd.DataFrame([{"task": task, "metric": metric, **values}
@@ -199,7 +201,7 @@ def direction_artifacts(model: str) -> list[ArtifactSpec]:
     """The candidate directions and, derived from them, the edit record (W&B lineage)."""
     candidates_dir = paths.stage_dir("directions")
     candidate_files = [candidates_dir / "candidates.safetensors", candidates_dir / "candidates.json"]
-    direction_files = edit_files()
+    direction_files = edit_files("select")
     info = read_json(candidates_dir / "candidates.json")
     candidates = ArtifactSpec(
         artifact_name(f"candidate-directions-{model}"), "candidate-directions", candidate_files,
@@ -229,7 +231,7 @@ def run(cfg: DictConfig) -> None:
     flat = read_metrics()
     headline = pick(flat, list(cfg.report.headline))
     seconds = timings()
-    chosen = read_json(edit_files()[1])
+    chosen = read_json(edit_files("select")[1])
     rates = refusal_rates(flat)
     comparison = intervention_comparison(cfg, flat)
     verdicts = verdict_table()
