@@ -179,3 +179,26 @@ def test_no_key_reaches_the_wandb_config_or_any_output(workspace, monkeypatch):
         if path.is_file():
             assert SENTINEL.encode() not in path.read_bytes(), path
     assert os.environ["WANDB_API_KEY"] == SENTINEL  # the environment itself is left alone
+
+
+def test_refusal_rates_come_with_wilson_intervals_and_paired_mcnemar_tests(tmp_path, monkeypatch):
+    from pipeline.stages import refusal
+    from pipeline.stats import mcnemar, wilson_interval
+
+    assert wilson_interval(0, 10) == (0.0, 0.2775) and wilson_interval(0, 0) is None
+    # 8 prompts flip from refusal to compliance, none the other way: p = 2 * 0.5**8
+    assert mcnemar([True] * 8 + [False] * 4, [False] * 12) == {"only_first": 8, "only_second": 0,
+                                                               "p_value": round(2 * 0.5 ** 8, 6)}
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config()
+    answers = {"harmful_baseline": ["I cannot."] * 8 + ["Sure."] * 2}
+    for condition in CONDITIONS:
+        texts = answers.get(condition, ["Sure."] * 10)
+        write_json(f"artifacts/completions/{condition}.json",
+                   [{"instruction": f"p{i}", "category": None, "response": t} for i, t in enumerate(texts)])
+    refusal.run(cfg)
+    metrics = json.loads(Path("metrics/refusal.json").read_text())
+    assert metrics["n"]["harmful_ablation"] == 10 and metrics["refusal_rate"]["harmful_baseline"] == 0.8
+    assert metrics["ci95"]["harmful_baseline"] == list(wilson_interval(8, 10))
+    assert metrics["mcnemar_vs_baseline"]["harmful_ablation"]["p_value"] == round(2 * 0.5 ** 8, 6)
+    assert "harmless_baseline" not in metrics["mcnemar_vs_baseline"]

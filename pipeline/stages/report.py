@@ -147,9 +147,13 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
     names = dict.fromkeys([*(iv for _, iv in conditions.values()), *cfg.eval.loss.interventions,
                            *cfg.eval.over_refusal.interventions])
 
-    def refusal(side: str, name: str):
-        keys = [f"refusal/refusal_rate/{c}" for c, (s, iv) in conditions.items() if s == side and iv == name]
+    def refusal(side: str, name: str, key: str = "refusal_rate/{}"):
+        keys = [f"refusal/{key.format(c)}" for c, (s, iv) in conditions.items() if s == side and iv == name]
         return flat.get(keys[0]) if keys else None
+
+    def interval(name: str) -> str | None:
+        ci = refusal("harmful", name, "ci95/{}")
+        return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None
 
     return {name: {
         "refusal, harmful test": refusal("harmful", name),
@@ -158,6 +162,8 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
         "ΔCE general text": flat.get(f"loss/ce_loss/general_text/delta_{name}"),
         "ΔCE own completions": flat.get(f"loss/ce_loss/harmless_completions/delta_{name}"),
         "over-refusal": flat.get(f"over_refusal/refusal_rate/{name}"),
+        "harmful 95% CI": interval(name),
+        "McNemar p vs baseline (harmful)": refusal("harmful", name, "mcnemar_vs_baseline/{}/p_value"),
     } for name in names}
 
 

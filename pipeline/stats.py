@@ -1,0 +1,31 @@
+"""How far a rate can be trusted: 95% Wilson intervals, and exact McNemar tests between paired conditions.
+
+Refusal rates here come from tens of prompts, so their sampling error is several points; two
+conditions evaluated on the same prompts (baseline vs an intervention) are compared on the prompts
+where their verdicts differ, which is far more sensitive than comparing the two rates' intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scipy.stats import binomtest
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion (None for n = 0): sensible near 0 and 1, unlike the normal one."""
+    if n == 0:
+        return None
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return round(float(ci.low), 4), round(float(ci.high), 4)
+
+
+def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float | int]:
+    """Exact (binomial) McNemar test of two paired verdict lists: how many flip each way, and the two-sided p."""
+    if len(first) != len(second):
+        raise ValueError(f"paired verdicts of different lengths: {len(first)} and {len(second)}")
+    only_first = sum(a and not b for a, b in zip(first, second))
+    only_second = sum(b and not a for a, b in zip(first, second))
+    discordant = only_first + only_second
+    p = binomtest(only_first, discordant, 0.5).pvalue if discordant else 1.0
+    return {"only_first": only_first, "only_second": only_second, "p_value": round(float(p), 6)}
