@@ -1,4 +1,5 @@
 """One module per DVC stage; each exposes ``run(cfg)`` and is called as ``python -m pipeline.stages.<name>``."""
 
 STAGES = ("data", "filter", "activations", "directions", "select", "search", "projections", "completions", "refusal",
-          "safety", "loss", "orthogonalize", "capabilities", "over_refusal", "suffix", "geometry", "heads", "report")
+          "safety", "loss", "orthogonalize", "capabilities", "over_refusal", "export", "suffix", "geometry", "heads",
+          "report")
