@@ -87,6 +87,12 @@ def check_names(names, where: str) -> None:
         raise ConfigError(f"unknown intervention(s) {unknown} in {where}", f"use some of: {', '.join(INTERVENTIONS)}")
 
 
+def folded_name(configured: str, provenance: dict) -> str:
+    """The intervention ``orthogonalize.intervention`` names: ``auto`` is the one the edit record's method
+    chose (a search's trial records it), else the paper's ``ablation``."""
+    return provenance.get("intervention", "ablation") if configured == "auto" else configured
+
+
 def apply(lm, name: str, edit: Edit, stacked: bool = False) -> AbstractContextManager:
     """Intervention ``name`` with ``edit`` on a loaded model, for the duration of a ``with`` block."""
     return get_intervention(name)(lm.model, lm.adapter, edit, stacked)

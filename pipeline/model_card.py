@@ -110,9 +110,9 @@ def base_model_lines(cfg: DictConfig, source: dict) -> list[str]:
 
 
 def method_section(cfg: DictConfig, edit_meta: dict, metrics: dict) -> str:
-    from pipeline.interventions import INTERVENTIONS
+    from pipeline.interventions import INTERVENTIONS, folded_name
 
-    name = cfg.orthogonalize.intervention
+    name = folded_name(cfg.orthogonalize.intervention, edit_meta.get("provenance") or {})
     doc = INTERVENTIONS[name].doc if name in INTERVENTIONS else ""
     provenance = edit_meta.get("provenance") or {}
     lines = [f"- weight edit folded into the weights: `{name}`" + (f": {doc}" if doc else "")]
@@ -268,7 +268,7 @@ def orthogonalize_section(cfg: DictConfig, metrics: dict) -> str:
     if "max_abs_logit_diff" in ortho:
         figures.append(f"largest logit difference {num(ortho['max_abs_logit_diff'])}")
     return (f"### Weight edit against the intervention\n\nNext-token distributions of the edited weights "
-            f"against `{cfg.orthogonalize.intervention}` applied by hooks to the original model{n}: "
+            f"against `{ortho.get('intervention', 'the intervention')}` applied by hooks to the original model{n}: "
             + ", ".join(figures) + ".")
 
 
@@ -355,7 +355,9 @@ def model_card(cfg: DictConfig, metrics: dict[str, dict], edit_meta: dict, files
     """
     source = source or {}
     names = [f["path"] if isinstance(f, dict) else str(f) for f in files]
-    intervention = cfg.orthogonalize.intervention
+    from pipeline.interventions import folded_name
+
+    intervention = folded_name(cfg.orthogonalize.intervention, edit_meta.get("provenance") or {})
     front: dict[str, Any] = {}
     base = base_model_id(cfg, source)
     if base:

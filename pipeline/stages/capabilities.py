@@ -34,7 +34,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.edit import edit_files, load_edit
 from pipeline.errors import ConfigError
-from pipeline.interventions import apply
+from pipeline.interventions import apply, folded_name
 from pipeline.io import write_json, write_text
 from pipeline.models.loading import LoadedModel, load_model
 
@@ -101,7 +101,8 @@ def variant(cfg: DictConfig, name: str, mode: str) -> Iterator[LoadedModel]:
         model_cfg = OmegaConf.create(spec)
     lm = load_model(model_cfg, cfg.runtime.device)
     if name == "orthogonalized" and mode == "hooks":
-        with apply(lm, cfg.orthogonalize.intervention, load_edit(lm, cfg.eval.edit)):
+        edit = load_edit(lm, cfg.eval.edit)
+        with apply(lm, folded_name(cfg.orthogonalize.intervention, edit.provenance), edit):
             yield lm
     else:
         yield lm

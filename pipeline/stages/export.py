@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import paths
 from pipeline.chat import ChatFormat
 from pipeline.cli import run_stage
-from pipeline.edit import load_edit
+from pipeline.edit import load_edit, read_edit
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.gguf_export import (
     as_stored,
@@ -55,7 +55,7 @@ from pipeline.gguf_export import (
     write_from_model,
     write_from_source,
 )
-from pipeline.interventions import apply, get_intervention
+from pipeline.interventions import apply, folded_name, get_intervention
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.model_card import model_card
 from pipeline.models.loading import _assemble_gguf, load_model, load_pretrained, resolve_device
@@ -95,8 +95,9 @@ def check_formats(formats: list[str], gguf_types: list[str], check_prompts: int 
                               "set export.check_prompts to 1 or more (8 by default)")
 
 
-def saved_model_dir(intervention: str) -> Path:
-    """The orthogonalize stage's saved model, or a clear error if it has none (or one of another edit)."""
+def saved_model_dir(configured: str, edit_source: str) -> tuple[Path, str]:
+    """The orthogonalize stage's saved model and the intervention folded into it (``configured``, with ``auto``
+    resolved from the edit record), or a clear error if it has none (or one of another edit)."""
     folder = paths.stage_dir("orthogonalized_model")
     status_file, blocked = paths.metrics("orthogonalize"), folder / "NOT_SUPPORTED.txt"
     status = read_json(status_file) if status_file.exists() else {}
@@ -110,10 +111,11 @@ def saved_model_dir(intervention: str) -> Path:
                           "set orthogonalize.save_model=true and run `dvc repro orthogonalize`")
     record = folder / "weight_edit.json"
     saved = read_json(record).get("intervention") if record.exists() else None
+    intervention = get_intervention(folded_name(configured, read_edit(edit_source).provenance)).name
     if saved != intervention:
         raise ConfigError(f"{folder} holds the {saved!r} weight edit, orthogonalize.intervention is {intervention!r}",
                           "re-run the orthogonalize stage (`dvc repro orthogonalize`)")
-    return folder
+    return folder, intervention
 
 
 def check_gguf_model(config: dict) -> None:
@@ -262,11 +264,10 @@ def chat_encoding_matches(tokenizer, model_cfg: DictConfig, adapter, texts: list
         return False
 
 
-def export_gguf(cfg: DictConfig, saved: Path, out_dir: Path, qtypes: list[str], source: Path | None,
-                texts: list[str]) -> dict:
+def export_gguf(cfg: DictConfig, intervention: str, saved: Path, out_dir: Path, qtypes: list[str],
+                source: Path | None, texts: list[str]) -> dict:
     """Write one GGUF per type and check it on ``texts``; returns the per-type metrics."""
     device = resolve_device(cfg.runtime.device)
-    intervention = cfg.orthogonalize.intervention
 
     lm = load_model(cfg.model, cfg.runtime.device)
     lm.model.float()  # the reference in float32, like the files read back
@@ -327,8 +328,7 @@ def run(cfg: DictConfig) -> None:
     formats = list(cfg.export.formats)
     gguf_types = list(cfg.export.gguf_types)
     check_formats(formats, gguf_types, cfg.export.check_prompts)
-    intervention = get_intervention(cfg.orthogonalize.intervention).name
-    saved = saved_model_dir(intervention)
+    saved, intervention = saved_model_dir(cfg.orthogonalize.intervention, cfg.eval.edit)
     if "gguf" in formats:
         check_gguf_model(read_json(saved / "config.json"))
     else:
@@ -345,7 +345,7 @@ def run(cfg: DictConfig) -> None:
             source = source_gguf(cfg.model.source)
             texts = instructions(read_split("data", "harmful", "test"))[: cfg.export.check_prompts]
             metrics |= {"check_prompts": len(texts), "max_kl": cfg.export.max_kl}
-            metrics["gguf"] = export_gguf(cfg, saved, tmp, gguf_types, source, texts)
+            metrics["gguf"] = export_gguf(cfg, intervention, saved, tmp, gguf_types, source, texts)
         write_json(paths.metrics("export"), metrics)
         failed = {q: r["vs_intervention"]["mean_kl"] for q, r in metrics.get("gguf", {}).items() if not r["passed"]}
         if failed:

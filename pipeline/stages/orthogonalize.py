@@ -1,8 +1,9 @@
 """Stage ``orthogonalize``: fold an ablation into the weights, check it, and save the edited model.
 
 ``orthogonalize.intervention`` names a registered intervention that can be folded into the weights
-(``ablation`` by default: the paper's weight orthogonalization; ``projected_ablation``,
-``weighted_ablation`` and ``norm_preserving_ablation`` fold too). Every matrix that writes into the
+(``auto``, the default: the one the edit record names, which a search's chosen trial does, else
+``ablation``, the paper's weight orthogonalization; ``projected_ablation``, ``weighted_ablation`` and
+``norm_preserving_ablation`` fold too). Every matrix that writes into the
 residual stream loses the edit's direction (``pipeline.weight_edits``); with tied embeddings the
 unembedding is untied first. Where the intervention also has a hook form, the stage compares next-token
 logits of the edited model with the hooks on the original and fails if they disagree beyond
@@ -17,9 +18,9 @@ from omegaconf import DictConfig
 
 from pipeline import paths
 from pipeline.cli import run_stage
-from pipeline.edit import load_edit, save_edit
+from pipeline.edit import load_edit, read_edit, save_edit
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.interventions import get_intervention
+from pipeline.interventions import folded_name, get_intervention
 from pipeline.io import atomic_path, write_json
 from pipeline.models.loading import load_model
 from pipeline.refusal import kl_divergence
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
-    intervention = get_intervention(cfg.orthogonalize.intervention)
+    intervention = get_intervention(folded_name(cfg.orthogonalize.intervention, read_edit(cfg.eval.edit).provenance))
     if intervention.fold is None:
         raise ConfigError(f"orthogonalize.intervention={intervention.name} cannot be folded into the weights",
                           "use ablation, projected_ablation, weighted_ablation or norm_preserving_ablation")
