@@ -103,3 +103,19 @@ def test_stacking_candidates_in_one_pass_gives_the_same_scores(tiny_lm):
                                per_pass=3)
     for metric in ("bypass_score", "induce_score", "kl"):
         torch.testing.assert_close(getattr(stacked, metric), getattr(one, metric), rtol=1e-5, atol=1e-6)
+
+
+def test_the_papers_scores_are_unchanged_by_the_intervention_registry(tiny_lm):
+    """Selection scores as the code before the edit record computed them (tests/data, from commit 9bb13f1)."""
+    import json
+    from pathlib import Path
+
+    from conftest import HARMFUL
+
+    before = json.loads((Path(__file__).parent / "data" / "paper_scores_before_refactor.json").read_text())
+    lm = tiny_lm("qwen2")
+    candidates = torch.randn(2, lm.n_layers + 1, lm.d_model, generator=torch.Generator().manual_seed(0))
+    scores = score_candidates(lm, candidates, HARMFUL[:4], PROMPTS, Rules(1e9, -1e9, 0.0), True, 4, 2)
+    for metric in ("bypass_score", "induce_score", "kl"):
+        torch.testing.assert_close(getattr(scores, metric), torch.tensor(before[metric], dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-6)

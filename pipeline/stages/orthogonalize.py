@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> None:
         edited = runner.last_logits(prompts, lm.chat.prefix_ids)
         kl = float(kl_divergence(hooked, edited).mean())
         metrics |= {
-            "mean_kl_vs_hooks": round(kl, 7),
+            "mean_kl_vs_hooks": round(max(kl, 0.0), 7),  # float32 rounding can make an exact match -1e-9
             "max_abs_logit_diff": round(float((hooked - edited).abs().max()), 5),
             "top1_agreement": round(float((hooked.argmax(-1) == edited.argmax(-1)).float().mean()), 4),
         }
