@@ -46,10 +46,11 @@ def num(value: Any, signed: bool = False) -> str:
 
 
 def size(n_bytes: int) -> str:
+    """Bytes in decimal units, as the hub shows file sizes."""
     value = float(n_bytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{n_bytes} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1000
     return f"{n_bytes} B"
 

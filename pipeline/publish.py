@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.model_card import size
 
 DEFAULT_FOLDER = paths.stage_dir("export")
 CARD = "README.md"
@@ -47,15 +48,6 @@ def files(folder: Path) -> list[tuple[str, int]]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
-def human(n_bytes: int) -> str:
-    value = float(n_bytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{n_bytes} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1000
-    return f"{n_bytes} B"
-
-
 def check(repo: str, folder: Path) -> list[tuple[str, int]]:
     """The folder's files; a clear error for a bad repo id, a missing folder or a folder without a card."""
     if not REPO_ID.match(repo) or ".." in repo or repo.endswith((".git", ".")):
@@ -74,11 +66,11 @@ def check(repo: str, folder: Path) -> list[tuple[str, int]]:
 
 def dry_run(repo: str, folder: Path, private: bool) -> None:
     listed = check(repo, folder)
-    print(f"would upload {len(listed)} files ({human(sum(n for _, n in listed))}) from {folder} to "
+    print(f"would upload {len(listed)} files ({size(sum(n for _, n in listed))}) from {folder} to "
           f"{'private' if private else 'public'} model repository {repo}:")
     width = max(len(name) for name, _ in listed)
     for name, n_bytes in listed:
-        print(f"  {name:<{width}}  {human(n_bytes):>10}")
+        print(f"  {name:<{width}}  {size(n_bytes):>10}")
     card = (folder / CARD).read_text().splitlines()
     print(f"\n{CARD}, first {min(CARD_LINES, len(card))} of {len(card)} lines:")
     for line in card[:CARD_LINES]:
