@@ -114,10 +114,14 @@ class Objective:
         runner = self.lm.runner(self.batch_size, progress=False)
         with apply(self.lm, name, edit):
             logits = runner.last_logits(self.harmless_ids, self.lm.chat.prefix_ids)
-            texts = complete(self.lm, self.harmful, self.max_new_tokens, self.batch_size, "search: harmful",
-                             stop_at=self.refusal_substrings)
-        refusals = sum(is_refusal(t, self.refusal_substrings) for t in texts)
+            refusals = self.refusals()
         return refusals, float(kl_divergence(self.reference, logits).mean())
+
+    def refusals(self) -> int:
+        """Refusals among the harmful prompts under whatever intervention is active."""
+        texts = complete(self.lm, self.harmful, self.max_new_tokens, self.batch_size, "search: harmful",
+                         stop_at=self.refusal_substrings)
+        return sum(is_refusal(t, self.refusal_substrings) for t in texts)
 
     def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
         start = time.perf_counter()

@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> None:
         "method": "search", "stage": "search", "model": cfg.model.name, "intervention": intervention,
         "trial": chosen.number, "params": chosen.params, "study": study.study_name,
         "derived_from": "artifacts/select/edit.safetensors"}))
-    baseline = goal.measure(goal.base, "baseline")
+    baseline = (goal.refusals(), 0.0)  # the unedited model: its KL to itself is 0 by definition
     selected = goal.measure(goal.base, "ablation")  # the paper's: the selected direction at every layer
     plot_front(table, {"unedited model": baseline, "selected direction, full ablation": selected}, chosen.number,
                PLOT_DIR / "pareto.png")
