@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint benchmark
+.PHONY: install run test lint benchmark benchmark-search
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ lint: install
 # Speed figures side by side (selection vs the paper's procedure, MFU, generation, memory); ~40 min on 2 CPU cores.
 benchmark: install
 	$(BIN)/python -m pipeline.benchmark
+
+# The ablation-parameter search against heretic-llm 1.4.0 (own venv, run as a program); ~100 min on 2 CPU cores.
+benchmark-search: install
+	$(BIN)/python -m pipeline.benchmark search --trials 20 --startup-trials 6

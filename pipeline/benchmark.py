@@ -13,6 +13,9 @@
 4. peak memory of the activations stage for two train-set sizes;
 5. wall time per stage of the last default ``dvc repro`` (from artifacts/timing).
 
+``python -m pipeline.benchmark search --trials N`` is the search's head-to-head against heretic
+(``pipeline.benchmark_search``).
+
 Prompts: the paper's splits (n_train 128, n_val 32, seed 42) when a mirror is found (``--paper-dir``,
 default ``../shared/datasets/refusal_direction``), else the offline default data.
 """
@@ -268,6 +271,12 @@ def stage_times() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["search"]:  # the head-to-head against heretic (pipeline.benchmark_search)
+        from pipeline.benchmark_search import main as search_benchmark
+
+        search_benchmark(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--paper-dir", type=Path, default=Path("../shared/datasets/refusal_direction"))

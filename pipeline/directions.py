@@ -7,12 +7,25 @@ candidate it scored (the ``select`` stage writes them and draws the table's heat
 
 * ``dim``: the paper's difference in means over every post-instruction position and layer, with the
   paper's selection on validation prompts (``pipeline.selection``).
+* ``cone``: a k-dimensional refusal subspace (Wollschläger et al., "The Geometry of Refusal in Large
+  Language Models", 2025) at ``dim``'s chosen position and layer: the ``dim`` direction, then the leading
+  principal directions of the per-prompt harmful training activations minus the harmless mean, with
+  the ``dim`` direction projected out; ablation removes the whole subspace, addition adds the ``dim``
+  direction.
+* ``cosmic``: COSMIC's choice among the same candidates (Siu et al., ACL Findings 2025), from activations
+  alone, with no refusal tokens and no generation: at the layers where harmful and harmless means agree
+  least, how closely ablating a candidate makes harmful prompts' activations point like the harmless
+  mean, plus how closely adding it makes harmless prompts' activations point like the harmful mean
+  (mean cosine over post-instruction positions and those layers); the highest sum among the candidates
+  the paper's layer rule keeps wins.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -21,10 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.edit import Edit, Kernel
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SelectionError
+from pipeline.hooks import residual_recorder, unit
+from pipeline.interventions import apply
 from pipeline.io import load_tensors, read_json
 from pipeline.models.loading import LoadedModel
 from pipeline.selection import Rules, choose, score_candidates, score_table
+from pipeline.stages.activations import mean_activations
 from pipeline.stages.common import instructions, read_split
 
 
@@ -64,6 +80,21 @@ def val_instructions() -> tuple[list[str], list[str]]:
     return tuple(instructions(read_split("filter", side, "val")) for side in ("harmful", "harmless"))
 
 
+def chosen_edit(cfg: DictConfig, lm: LoadedModel, candidates: torch.Tensor, harmless_mean: torch.Tensor,
+                chosen: pd.Series) -> Edit:
+    """The edit record of the candidate in table row ``chosen`` (its position and layer), the paper's way."""
+    pos, layer = int(chosen.position) + candidates.shape[0], int(chosen.layer)
+    return Edit.of(
+        candidates[pos, layer], layer, lm.n_layers, position=int(chosen.position),
+        position_label=chosen.position_label, harmless_mean=harmless_mean[pos, layer].float(),
+        addition_coeff=float(cfg.direction.addition_coeff), **kernel_weights(cfg.direction.kernel, lm.n_layers),
+        provenance={"method": cfg.direction.name, "stage": "select", "model": cfg.model.name,
+                    "params": OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["select", "direction"]),
+                                                     resolve=True),
+                    "derived_from": "artifacts/directions/candidates.safetensors"},
+    )
+
+
 @register("dim")
 def dim(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
     """The paper's method: every difference-in-means candidate scored, the paper's rules, lowest bypass wins."""
@@ -75,16 +106,8 @@ def dim(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
                               cfg.select.exhaustive, cfg.runtime.batch_size, cfg.select.candidates_per_pass, store)
     table = score_table(scores, rules, lm.n_layers, labels, candidates.norm(dim=-1))
     chosen = choose(table)  # a SelectionError carries the table, so the stage can still show why
-    pos, layer = int(chosen.position) + candidates.shape[0], int(chosen.layer)
-    edit = Edit.of(
-        candidates[pos, layer], layer, lm.n_layers, position=int(chosen.position),
-        position_label=chosen.position_label, harmless_mean=harmless_mean[pos, layer].float(),
-        addition_coeff=float(cfg.direction.addition_coeff), **kernel_weights(cfg.direction.kernel, lm.n_layers),
-        provenance={"method": "dim", "stage": "select", "model": cfg.model.name,
-                    "params": OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["select", "direction"]),
-                                                     resolve=True),
-                    "derived_from": "artifacts/directions/candidates.safetensors"},
-    )
+    edit = chosen_edit(cfg, lm, candidates, harmless_mean, chosen)
+    layer = edit.layer
     metrics = {
         "method": "dim",
         "position": int(chosen.position),
@@ -98,4 +121,110 @@ def dim(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
         "n_candidates": len(table),
         "n_eligible": int((table.status == "eligible").sum()),
     }
+    return MethodResult(edit, metrics, table, {"position": int(chosen.position), "layer": layer})
+
+
+def site_activations(lm: LoadedModel, texts: list[str], position: int, layer: int, batch_size: int) -> torch.Tensor:
+    """Per-prompt residual stream ``[n, d]`` entering ``layer`` at post-instruction ``position`` (negative),
+    kept one row per prompt as each batch passes: memory grows with the prompts, not with the sites."""
+    rows: list[torch.Tensor] = []
+
+    def record(site: int, resid: torch.Tensor) -> None:
+        if site == layer:
+            rows.append(resid[:, position].double().cpu())
+
+    with residual_recorder(lm.model, lm.adapter, record):  # read_passes runs each prompt whole, no prefix cache
+        order = lm.runner(batch_size).read_passes(lm.encode(texts), lambda indices: rows.pop().unbind(0),
+                                                  desc=f"activations at layer {layer}")
+    return torch.stack(order)
+
+
+def cone_basis(direction: torch.Tensor, offsets: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k, d]``: ``direction`` (as is), then unit vectors along the leading principal directions of
+    ``offsets`` ``[n, d]`` (per-prompt activations minus the harmless mean) once ``direction`` is projected
+    out of them, so every row after the first is orthogonal to it and to the others."""
+    u = direction.double() / direction.double().norm()
+    rest = offsets.double() - (offsets.double() @ u)[:, None] * u
+    _, values, components = torch.linalg.svd(rest, full_matrices=False)
+    spanned = components[values > 1e-6 * max(float(values.max()), 1e-12)] if len(values) else components[:0]
+    if len(spanned) < k - 1:
+        raise ConfigError(f"direction.k={k}, but the harmful activations span only {len(spanned)} directions "
+                          "beyond the paper's", f"set direction.k to at most {len(spanned) + 1}, or use more prompts")
+    return torch.cat([direction.double()[None], spanned[: k - 1]]).float()
+
+
+@register("cone")
+def cone(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
+    """``dim``'s selection, then a ``direction.k``-dimensional basis at the chosen site (see module docstring)."""
+    result = dim(cfg, lm, store)
+    edit, k = result.edit, int(cfg.direction.k)
+    if not 1 <= k <= 5:
+        raise ConfigError(f"direction.k={k}", "choose a cone dimension from 1 to 5")
+    harmful = instructions(read_split("filter", "harmful", "train"))
+    offsets = site_activations(lm, harmful, edit.position, edit.layer, cfg.runtime.batch_size) - edit.harmless_mean
+    basis = cone_basis(edit.direction, offsets, k)
+    cosines = [round(float(unit(row) @ unit(edit.direction)), 4) for row in basis]
+    edit = replace(edit, directions=basis, provenance={**edit.provenance, "method": "cone", "k": k})
+    return MethodResult(edit, {**result.metrics, "method": "cone", "k": k, "basis_cosine_with_dim": cosines},
+                        result.table, result.chosen)
+
+
+def low_similarity_layers(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, share: float) -> list[int]:
+    """The ``share`` of layers (at least one) whose harmful and harmless means ``[positions, sites, d]``
+    point most differently (lowest cosine, averaged over positions); the embedding site and the final
+    norm's input are never chosen."""
+    cosine = torch.nn.functional.cosine_similarity(harmful_mean.double(), harmless_mean.double(), dim=-1).mean(0)
+    inner = list(range(1, harmful_mean.shape[1] - 1))
+    count = max(1, round(share * len(inner)))
+    return sorted(sorted(inner, key=lambda layer: float(cosine[layer]))[:count])
+
+
+def agreement(means: torch.Tensor, target: torch.Tensor, layers: list[int]) -> float:
+    """Mean cosine between ``means`` and ``target`` ``[positions, sites, d]`` over every position at ``layers``."""
+    return float(torch.nn.functional.cosine_similarity(means[:, layers].double(), target[:, layers].double(),
+                                                       dim=-1).mean())
+
+
+@register("cosmic")
+def cosmic(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
+    """COSMIC's selection (see module docstring); each candidate's score is checkpointed as it is known."""
+    start = time.perf_counter()
+    candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"]
+    labels = read_json(paths.stage_dir("directions") / "candidates.json")["labels"]
+    means = load_tensors(paths.stage_dir("activations") / "means.safetensors")
+    layers = low_similarity_layers(means["harmful_mean"], means["harmless_mean"], cfg.direction.layer_share)
+    harmful, harmless = val_instructions()
+    rules = Rules.from_config(cfg.select)
+    n_pos, n_sites, _ = candidates.shape
+    rows = []
+    for layer in range(n_sites):
+        for pos in range(n_pos):
+            direction = candidates[pos, layer]
+            row = {"position": pos - n_pos, "position_label": labels[pos], "layer": layer, "cosmic_score": math.nan}
+            if not rules.layer_allowed(layer, lm.n_layers) or not direction.norm() > 0:
+                rows.append({**row, "status": "late_layer" if direction.norm() > 0 else "zero_direction"})
+                continue
+            score = store.get(f"cosmic/{pos}/{layer}")
+            if score is None:
+                edit = Edit.of(direction, layer, lm.n_layers)
+                with apply(lm, "ablation", edit):
+                    comply = agreement(mean_activations(lm, harmful, cfg.runtime.batch_size, "cosmic: ablate"),
+                                       means["harmless_mean"], layers)
+                with apply(lm, "addition", edit):
+                    refuse = agreement(mean_activations(lm, harmless, cfg.runtime.batch_size, "cosmic: add"),
+                                       means["harmful_mean"], layers)
+                score = comply + refuse
+                store.put(f"cosmic/{pos}/{layer}", score)
+            rows.append({**row, "cosmic_score": score, "status": "eligible"})
+    table = pd.DataFrame(rows)
+    eligible = table[table.status == "eligible"]
+    if eligible.empty:
+        raise SelectionError("no candidate survives the layer rule", "lower select.prune_layer_fraction", table=table)
+    chosen = eligible.loc[eligible.cosmic_score.idxmax()]
+    edit = chosen_edit(cfg, lm, candidates, means["harmless_mean"], chosen)
+    layer = edit.layer
+    metrics = {"method": "cosmic", "position": int(chosen.position), "layer": layer,
+               "layer_fraction": round(layer / lm.n_layers, 4), "cosmic_score": round(float(chosen.cosmic_score), 5),
+               "low_similarity_layers": layers, "n_candidates": len(table), "n_eligible": len(eligible),
+               "selection_seconds": round(time.perf_counter() - start, 1)}
     return MethodResult(edit, metrics, table, {"position": int(chosen.position), "layer": layer})

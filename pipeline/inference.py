@@ -199,6 +199,19 @@ class Runner:
         return torch.stack(rows, dim=1)
 
     @torch.inference_mode()
+    def tail_logits(self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], n: int,
+                    desc: str = "forward") -> torch.Tensor:
+        """Next-token logits at the last ``n`` positions of each prompt, float32 ``[n_prompts, n, vocab]``
+        (prompts are left-padded: positions before a short prompt's start hold padding's logits)."""
+
+        def fn(indices, bodies, prefix_len, cache):
+            out, _, _ = self._forward(bodies, prefix_len, cache, logits_to_keep=n)
+            return out.logits[:, -n:].float().cpu()
+
+        rows = self._map_batches(prompts, prefix, fn, desc)
+        return torch.stack(rows) if rows else torch.empty(0, n, 0)
+
+    @torch.inference_mode()
     def read_passes(self, prompts: Sequence[Sequence[int]], read: Callable[[list[int]], list],
                     desc: str = "forward") -> list:
         """Run every prompt once, whole (no prefix cache: hooks see every position), and return, in

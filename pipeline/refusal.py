@@ -42,7 +42,14 @@ def refusal_scores(last_logits: torch.Tensor, token_ids: Sequence[int], eps: flo
 
 
 def kl_divergence(reference_logits: torch.Tensor, other_logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-prompt KL(reference || other) of next-token distributions, computed as the paper does."""
+    """Per-prompt KL(reference || other) of next-token distributions (over the last dimension).
+
+    ``eps=1e-6`` smooths the probabilities as the paper's code does; ``eps=0`` is the exact divergence from
+    log-softmax, the definition abliteration tools such as heretic report (used by the search).
+    """
+    if eps == 0:
+        log_p, log_q = reference_logits.double().log_softmax(dim=-1), other_logits.double().log_softmax(dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     p = reference_logits.double().softmax(dim=-1)
     q = other_logits.double().softmax(dim=-1)
     return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(dim=-1)

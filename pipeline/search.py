@@ -2,8 +2,9 @@
 
 The search space is ``weighted_ablation``'s (``pipeline.edit``, ``pipeline.interventions``):
 
-* the direction: the selected one, or the difference-in-means candidate at a fractional layer index of
-  the selected position (unit directions of the two neighbouring layers interpolated);
+* the direction (``sources``): the selected one, or the difference-in-means candidate at a fractional
+  layer index of the selected position (unit directions of the two neighbouring layers interpolated; the
+  ``projected`` variant then uses the harmless mean interpolated the same way);
 * for attention writes and for MLP writes separately, a layer kernel: peak weight, peak position, floor
   weight (as a share of the peak) and width (``pipeline.edit.Kernel``); the embedding is not edited;
 * the variant: ``plain`` (hooks), ``projected`` (the direction made orthogonal to the harmless mean
@@ -11,9 +12,15 @@ The search space is ``weighted_ablation``'s (``pipeline.edit``, ``pipeline.inter
 
 Two objectives, both minimised: the number of refusals among the search's harmful prompts (greedy
 completions judged by substring matching, each stopped once a refusal phrase settles its verdict), and
-the mean KL divergence of the next-token distribution at the end of each harmless prompt, from the
-unedited model (its logits computed once) to the edited one. A trial never copies the model: hooks are
-removed, in-place weight edits undone, when it ends.
+the mean KL divergence (exact, from log-softmax) from the unedited model to the edited one of the
+next-token distribution at the end of each harmless prompt, as heretic measures it; with ``kl_tokens``
+n > 1, of the first n next-token distributions along the unedited model's greedy answer (fewer where
+the answer ends sooner), averaged per prompt. The unedited logits are computed once. A trial never
+copies the model: hooks are removed, in-place weight edits undone, when it ends.
+
+The KL is measured first, and a trial is pruned without generating any harmful completion when its
+refusals cannot change the front (``prune_reason``): its KL is above ``max_kl``, or a complete trial
+already refused nothing at no more KL. Pruned trials count against the trial budget.
 
 Trials live in Optuna's RDB storage (an SQLite file by default; PostgreSQL or MySQL for several
 workers): a killed search resumes the same study and loses at most its running trial.
@@ -25,7 +32,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -44,6 +51,7 @@ VARIANTS = {"plain": "weighted_ablation", "projected": "weighted_ablation",
             "norm_preserving": "norm_preserving_ablation"}
 COMPONENTS = ("attention", "mlp")
 SAMPLERS = ("tpe", "nsga2")
+SOURCES = ("selected", "layer")
 
 
 def direction_at(candidates: torch.Tensor, index: float) -> torch.Tensor:
@@ -55,11 +63,14 @@ def direction_at(candidates: torch.Tensor, index: float) -> torch.Tensor:
     return unit((1 - share) * unit(candidates[low]) + share * unit(candidates[high]))
 
 
-def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], max_peak: float) -> dict:
-    """Sample one point of the search space (define-by-run: the layer index only for ``layer`` sources)."""
-    params = {"source": trial.suggest_categorical("source", ["selected", "layer"])}
+def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], max_peak: float,
+            sources: Sequence[str] = SOURCES, layer_range: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """Sample one point of the search space (define-by-run: the layer index only for ``layer`` sources,
+    within ``layer_range`` as shares of the depth, never the embedding or past the last layer)."""
+    params = {"source": trial.suggest_categorical("source", list(sources))}
     if params["source"] == "layer":
-        params["direction_layer"] = trial.suggest_float("direction_layer", 1.0, float(n_layers - 1))
+        low, high = max(1.0, layer_range[0] * n_layers), min(float(n_layers - 1), layer_range[1] * n_layers)
+        params["direction_layer"] = trial.suggest_float("direction_layer", low, max(low, high))
     for part in COMPONENTS:
         params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", 0.0, max_peak)
         params[f"{part}_position"] = trial.suggest_float(f"{part}_position", 0.0, float(n_layers - 1))
@@ -69,21 +80,45 @@ def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], max_pea
     return params
 
 
+def paper_params(n_layers: int) -> dict:
+    """The paper's edit as nearly as the space holds it: the selected direction ablated at full strength
+    from every attention and MLP write (the search never edits the embedding). The stage's first trial,
+    so the front starts from the paper's result."""
+    full = {"peak": 1.0, "position": 0.0, "floor": 1.0, "width": float(n_layers)}
+    return {"source": "selected", **{f"{part}_{key}": value for part in COMPONENTS for key, value in full.items()},
+            "variant": "plain"}
+
+
 def kernel(params: dict, part: str) -> Kernel:
     peak = params[f"{part}_peak"]
     return Kernel(peak, params[f"{part}_position"], params[f"{part}_floor"] * peak, params[f"{part}_width"])
 
 
-def trial_edit(params: dict, base: Edit, candidates: torch.Tensor) -> tuple[Edit, str]:
+def interpolated(rows: torch.Tensor, index: float) -> torch.Tensor:
+    """``rows`` ``[n_sites, d]`` read at a fractional site ``index`` (linear between the neighbours)."""
+    low = int(math.floor(index))
+    high = min(low + 1, rows.shape[0] - 1)
+    return torch.lerp(rows[low].float(), rows[high].float(), index - low)
+
+
+def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,
+               harmless_means: torch.Tensor | None = None) -> tuple[Edit, str]:
     """The edit record of one point of the space and the registered intervention that applies it.
 
-    ``candidates`` ``[n_sites, d]`` are the difference-in-means candidates at the selected position.
+    ``candidates`` ``[n_sites, d]`` are the difference-in-means candidates at the selected position and
+    ``harmless_means`` (optional, same shape) the harmless means they were read against: a direction
+    taken at a fractional layer is projected off the harmless mean at that layer, not the selected one's.
     """
-    direction = base.direction if params["source"] == "selected" else direction_at(candidates,
-                                                                                    params["direction_layer"])
+    harmless_mean = base.harmless_mean
+    if params["source"] == "selected":
+        direction = base.direction
+    else:
+        direction = direction_at(candidates, params["direction_layer"])
+        if harmless_means is not None:
+            harmless_mean = interpolated(harmless_means, params["direction_layer"])
     edit = Edit(unit(direction)[None], base.layer, base.n_layers,
                 kernel(params, "attention").weights(base.n_layers), kernel(params, "mlp").weights(base.n_layers),
-                embedding_weight=0.0, harmless_mean=base.harmless_mean, addition_layer=base.addition_layer,
+                embedding_weight=0.0, harmless_mean=harmless_mean, addition_layer=base.addition_layer,
                 addition_coeff=base.addition_coeff, position=base.position, position_label=base.position_label)
     if params["variant"] == "projected":
         edit = projected(edit)
@@ -91,31 +126,71 @@ def trial_edit(params: dict, base: Edit, candidates: torch.Tensor) -> tuple[Edit
 
 
 @dataclass
+class HarmlessReference:
+    """The harmless prompts the KL objective reads and the unedited model's logits on them, computed once.
+
+    Each row of ``ids`` is a harmless prompt followed by the first ``kl_tokens - 1`` tokens of the
+    unedited model's greedy answer; ``logits`` ``[n, kl_tokens, vocab]`` are the unedited next-token
+    logits at the last ``kl_tokens`` positions and ``counts`` how many of those belong to each row's
+    answer (fewer where the answer ended sooner).
+    """
+
+    ids: list[list[int]]
+    logits: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def of(cls, lm: LoadedModel, prompts: list[list[int]], kl_tokens: int, batch_size: int) -> HarmlessReference:
+        if kl_tokens < 1:
+            raise ValueError(f"kl_tokens={kl_tokens}: the KL needs at least the first token")
+        answers = [[] for _ in prompts] if kl_tokens == 1 else lm.runner(batch_size, progress=False).generate(
+            prompts, lm.chat.prefix_ids, kl_tokens - 1, lm.eos_ids, desc="search: harmless answers")
+        ids = [p + a for p, a in zip(prompts, answers)]
+        counts = torch.tensor([len(a) + 1 for a in answers])
+        return cls(ids, tail_logits(lm, ids, kl_tokens, batch_size), counts)
+
+    def kl(self, logits: torch.Tensor) -> float:
+        """Mean over prompts of each prompt's mean KL over its answer positions."""
+        per_position = kl_divergence(self.logits, logits, eps=0.0)  # [n, kl_tokens]
+        kept = torch.arange(per_position.shape[1]) >= per_position.shape[1] - self.counts[:, None]
+        return float((per_position.where(kept, 0.0).sum(dim=1) / self.counts).mean())
+
+
+def tail_logits(lm: LoadedModel, ids: list[list[int]], n: int, batch_size: int) -> torch.Tensor:
+    """Next-token logits at the last ``n`` positions of each row, ``[rows, n, vocab]``."""
+    return lm.runner(batch_size, progress=False).tail_logits(ids, lm.chat.prefix_ids, n)
+
+
+@dataclass
 class Objective:
-    """Refusals on harmful prompts and first-token KL on harmless ones, for one trial's parameters."""
+    """Refusals on harmful prompts and KL on harmless ones, for one trial's parameters."""
 
     lm: LoadedModel
     base: Edit
     candidates: torch.Tensor
     harmful: list[str]
-    harmless_ids: list[list[int]]
-    reference: torch.Tensor  # unedited last-token logits of harmless_ids
+    harmless: HarmlessReference
     refusal_substrings: list[str]
     max_new_tokens: int
     batch_size: int
     variants: tuple[str, ...]
     max_peak: float
+    sources: tuple[str, ...] = SOURCES
+    harmless_means: torch.Tensor | None = None  # [n_sites, d] at the candidates' position
+    layer_range: tuple[float, float] = (0.0, 1.0)  # the fractional direction layer's range, as shares of depth
+    max_kl: float = math.inf  # a trial whose KL exceeds this is pruned before its refusals are counted
+    prune_dominated: bool = True  # also prune a trial a complete one with no refusals beats on KL
 
-    def evaluate(self, params: dict) -> tuple[int, float]:
-        return self.measure(*trial_edit(params, self.base, self.candidates))
-
-    def measure(self, edit: Edit, name: str) -> tuple[int, float]:
-        """(refusals, mean KL) of intervention ``name`` with ``edit``."""
-        runner = self.lm.runner(self.batch_size, progress=False)
+    def measure(self, edit: Edit, name: str,
+                skip: Callable[[float], str | None] = lambda kl: None) -> tuple[int | None, float, str | None]:
+        """(refusals, mean KL, why refusals were not counted) of intervention ``name`` with ``edit``. The KL
+        is measured first; when ``skip(kl)`` gives a reason, no harmful completion is generated."""
+        n = self.harmless.logits.shape[1]
         with apply(self.lm, name, edit):
-            logits = runner.last_logits(self.harmless_ids, self.lm.chat.prefix_ids)
-            refusals = self.refusals()
-        return refusals, float(kl_divergence(self.reference, logits).mean())
+            kl = self.harmless.kl(tail_logits(self.lm, self.harmless.ids, n, self.batch_size))
+            reason = skip(kl)
+            refusals = self.refusals() if reason is None else None
+        return refusals, kl, reason
 
     def refusals(self) -> int:
         """Refusals among the harmful prompts under whatever intervention is active."""
@@ -125,11 +200,30 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
         start = time.perf_counter()
-        params = suggest(trial, self.base.n_layers, self.variants, self.max_peak)
-        refusals, kl = self.evaluate(params)
+        params = suggest(trial, self.base.n_layers, self.variants, self.max_peak, self.sources, self.layer_range)
+        edit, name = trial_edit(params, self.base, self.candidates, self.harmless_means)
+        beaten_by = completed(trial.study) if self.prune_dominated else []
+        refusals, kl, reason = self.measure(edit, name, lambda kl: prune_reason(kl, self.max_kl, beaten_by))
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        trial.set_user_attr("kl", kl)
+        if reason is not None:
+            trial.set_user_attr("pruned", reason)
+            log.info("trial %d pruned: %s", trial.number, reason)
+            raise optuna.TrialPruned(reason)
         log.info("trial %d: %d refusals, KL %.4f (%s)", trial.number, refusals, kl, params["variant"])
         return refusals, kl
+
+
+def prune_reason(kl: float, max_kl: float, trials: Sequence[optuna.trial.FrozenTrial]) -> str | None:
+    """Why a trial with this KL need not count its refusals, or None. Counting them cannot change the
+    front when the KL is above ``max_kl`` (no use whatever it refuses), or when a complete trial already
+    refused nothing at no more KL (whatever this one refuses, that trial is at least as good on both)."""
+    if kl > max_kl:
+        return f"KL {kl:.4f} above max_kl {max_kl}"
+    for t in trials:
+        if t.values[0] == 0 and t.values[1] <= kl:
+            return f"KL {kl:.4f} not below trial {t.number}'s {t.values[1]:.4f} with no refusals"
+    return None
 
 
 def sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -152,14 +246,19 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count against the budget: complete ones and those pruned for their KL."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
 def optimize(study: optuna.Study, objective: Objective, n_trials: int) -> int:
-    """Run trials until the study holds ``n_trials`` complete ones (counting every worker's); returns how
-    many this call ran. A re-run after a kill only runs the missing ones."""
+    """Run trials until the study holds ``n_trials`` finished ones (complete or pruned, counting every
+    worker's); returns how many this call ran. A re-run after a kill only runs the missing ones."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     ran = 0
-    while len(completed(study)) < n_trials:
+    while len(finished(study)) < n_trials:
         study.optimize(objective, n_trials=1, catch=())
         ran += 1
     return ran

@@ -16,8 +16,13 @@ import torch
 from conftest import make_tiny_project, run_stages, subprocess_env
 from pipeline import search
 from pipeline.edit import Edit, read_edit
+from pipeline.errors import PipelineError
+from pipeline.refusal import kl_divergence
 
-TINY_SEARCH = {"search.n_trials": 5, "search.startup_trials": 3, "search.max_new_tokens": 3}
+# No pruning (a random tiny model refuses nothing, so every trial after the first would be dominated, and
+# its KL can be large): these tests count complete trials. Pruning has its own tests.
+TINY_SEARCH = {"search.n_trials": 5, "search.startup_trials": 3, "search.max_new_tokens": 3, "search.max_kl": 1e9,
+               "search.prune_dominated": False}
 
 
 def test_fractional_layer_interpolates_the_neighbouring_unit_directions():
@@ -40,6 +45,60 @@ def test_a_trial_is_a_weighted_ablation_edit_with_its_kernels():
     assert abs(float(edit.direction @ base.harmless_mean)) < 1e-5  # projected off the harmless mean
     assert search.trial_edit({**params, "variant": "norm_preserving"}, base, torch.randn(5, 8))[1] == \
         "norm_preserving_ablation"
+
+
+def test_a_direction_from_a_fractional_layer_is_projected_off_that_layers_harmless_mean():
+    base = Edit.of(torch.randn(8), 2, 4, position=-1, harmless_mean=torch.randn(8))
+    harmless_means = torch.randn(5, 8)
+    params = {"source": "layer", "direction_layer": 2.5, "variant": "projected", "attention_peak": 1.0,
+              "attention_position": 1.0, "attention_floor": 1.0, "attention_width": 4.0, "mlp_peak": 1.0,
+              "mlp_position": 1.0, "mlp_floor": 1.0, "mlp_width": 4.0}
+    edit, _ = search.trial_edit(params, base, torch.randn(5, 8), harmless_means)
+    torch.testing.assert_close(edit.harmless_mean, (harmless_means[2] + harmless_means[3]) / 2)
+    assert abs(float(edit.direction @ edit.harmless_mean)) < 1e-5
+
+
+def test_the_direction_layer_stays_within_its_share_of_the_depth():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    layers = [search.suggest(study.ask(), 20, ["plain"], 1.0, ("layer",), (0.25, 0.75))["direction_layer"]
+              for _ in range(200)]
+    assert 5.0 <= min(layers) < 6.0 and 14.0 < max(layers) <= 15.0
+
+
+def test_exact_kl_is_the_log_softmax_divergence_heretic_reports():
+    reference, other = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3
+    expected = torch.nn.functional.kl_div(other.log_softmax(-1), reference.log_softmax(-1), reduction="none",
+                                          log_target=True).sum(-1)
+    torch.testing.assert_close(kl_divergence(reference, other, eps=0.0), expected.double(), atol=1e-6, rtol=1e-6)
+    assert float(kl_divergence(reference, reference, eps=0.0).abs().max()) < 1e-12
+
+
+def test_kl_over_the_first_tokens_reads_only_each_answers_positions():
+    reference = torch.randn(2, 3, 10)
+    counts = torch.tensor([3, 1])  # the second prompt's answer ended at once: only its last position counts
+    harmless = search.HarmlessReference([[1, 2, 3], [4, 5, 6]], reference, counts)
+    other = reference.clone()
+    other[1, :2] = float("nan")  # padding's logits, say: outside the answer, never read
+    assert harmless.kl(other) == 0.0
+    other[0, 0] += torch.randn(10)
+    expected = float(kl_divergence(reference[0, 0], other[0, 0], eps=0.0)) / 3 / 2
+    assert harmless.kl(other) == pytest.approx(expected)
+
+
+def test_the_harmless_reference_follows_the_unedited_greedy_answer(tiny_lm):
+    lm = tiny_lm("qwen2")
+    prompts = lm.encode(["Name a fruit.", "Write a haiku about autumn leaves falling slowly in the park."])
+    first = search.HarmlessReference.of(lm, prompts, 1, 4)
+    last = lm.runner(4, progress=False).last_logits(prompts, lm.chat.prefix_ids)
+    torch.testing.assert_close(first.logits[:, 0], last)
+    reference = search.HarmlessReference.of(lm, prompts, 3, 4)
+    assert reference.logits.shape[:2] == (2, 3) and all(1 <= c <= 3 for c in reference.counts.tolist())
+    for row, (ids, prompt, count) in enumerate(zip(reference.ids, prompts, reference.counts.tolist())):
+        assert ids[: len(prompt)] == prompt and len(ids) == len(prompt) + count - 1
+        with torch.inference_mode():
+            full = lm.model(torch.tensor([ids])).logits[0, -3:].float()
+        torch.testing.assert_close(reference.logits[row], full, atol=1e-4, rtol=1e-4)
+    assert reference.kl(reference.logits) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_pareto_front_and_hypervolume():
@@ -88,6 +147,8 @@ def test_search_writes_its_front_the_chosen_edit_and_resumes_without_repeating_t
     assert len(trials) == 5 and trials.pareto.any() and set(trials.variant) <= {"plain", "projected",
                                                                                "norm_preserving"}
     assert (selected / "plots" / "search" / "pareto.png").exists()
+    first = trials[trials.trial == 0].iloc[0]  # the search starts from the paper's edit: full ablation
+    assert (first.source, first.variant, first.attention_peak, first.mlp_floor) == ("selected", "plain", 1.0, 1.0)
     assert 0 <= metrics["hypervolume"] <= metrics["hypervolume_reference"]["refusals"]
     here = os.getcwd()
     os.chdir(selected)
@@ -96,6 +157,7 @@ def test_search_writes_its_front_the_chosen_edit_and_resumes_without_repeating_t
     finally:
         os.chdir(here)
     assert edit.provenance["trial"] == metrics["chosen"]["trial"] and edit.embedding_weight == 0.0
+    assert first.attention_width == first.mlp_width == edit.n_layers  # the paper's edit reaches every layer
     # asking for more trials runs only the missing ones, in the same study; another sampler seed starts anew
     run_stages(selected, "search", **_search_overrides(**{"search.n_trials": 7}))
     again = json.loads((selected / "metrics" / "search.json").read_text())
@@ -113,6 +175,16 @@ def test_the_evaluation_stages_read_the_chosen_trial_with_eval_edit_search(selec
     chosen = json.loads((selected / "metrics" / "search.json").read_text())["chosen"]
     ortho = json.loads((selected / "metrics" / "orthogonalize.json").read_text())
     assert ortho["intervention"] == chosen["intervention"]  # orthogonalize.intervention=auto folds the trial's
+
+
+def test_trials_over_the_kl_cap_are_pruned_before_generating_and_count_against_the_budget(selected):
+    with pytest.raises(PipelineError, match="all 5 trials .* were pruned"):
+        run_stages(selected, "search", **_search_overrides(**{"search.max_kl": 0.0}))
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{selected / 'artifacts' / 'search' / 'study.db'}")
+    study = optuna.load_study(study_name=summary.study_name,
+                              storage=f"sqlite:///{selected / 'artifacts' / 'search' / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 5
+    assert all(t.user_attrs["kl"] > 0 for t in study.trials)
 
 
 def test_search_off_writes_only_that_it_is_off(selected):
@@ -157,6 +229,7 @@ def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(selected, t
     worker = _worker(selected, env, **overrides)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until some trials are complete, then kill mid-trial
+        assert worker.poll() is None, f"the worker ended before it was killed:\n{worker.stderr.read()[-3000:]}"
         db = selected / "artifacts" / "search" / "study.db"
         if db.exists() and optuna.get_all_study_summaries(f"sqlite:///{db}"):
             done = [t for t in _trials(selected, overrides) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -172,3 +245,11 @@ def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(selected, t
     metrics = json.loads((selected / "metrics" / "search.json").read_text())
     assert metrics["n_trials"] == 40
     assert metrics["trials_this_run"] == 40 - len(finished)  # the finished ones were kept, not rerun
+
+
+def test_a_trial_that_cannot_join_the_front_is_not_worth_generating_for():
+    trials = [_frozen(0, 3, 0.02), _frozen(1, 0, 0.08)]
+    assert search.prune_reason(0.05, 1.0, trials) is None  # it might refuse less than trial 0's 3: count them
+    assert "trial 1" in search.prune_reason(0.08, 1.0, trials)  # trial 1 refused nothing at no more KL
+    assert "above max_kl" in search.prune_reason(1.5, 1.0, [])
+    assert search.prune_reason(0.5, 1.0, [_frozen(0, 1, 0.01)]) is None  # one refusal: this one could do better

@@ -1,8 +1,8 @@
 """Stage ``search``: an Optuna multi-objective search over ablation parameters (opt-in: ``search=optuna``).
 
 The study (``pipeline.search``) minimises refusals on the filtered harmful validation prompts and
-first-token KL on the filtered harmless validation prompts; the fitting prompts (train) and the test
-prompts the evaluation stages report on are never used. Trials are stored in ``search.storage`` (by
+KL (first token by default, ``search.kl_tokens``) on the filtered harmless validation prompts; the
+fitting prompts (train) and the test prompts the evaluation stages report on are never used. Trials are stored in ``search.storage`` (by
 default ``artifacts/search/study.db``, SQLite, kept across runs: a killed stage resumes the same study);
 with a PostgreSQL or MySQL URL, workers started with ``python -m pipeline.search_worker`` join it.
 
@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pipeline import paths, search  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.edit import edit_files, load_edit, save_edit  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.errors import ConfigError, PipelineError  # noqa: E402
 from pipeline.io import atomic_path, load_tensors, sha256_file, write_json  # noqa: E402
 from pipeline.models.loading import LoadedModel, load_model  # noqa: E402
 from pipeline.stages.common import instructions, read_split  # noqa: E402
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 OUT = paths.stage_dir("search")
 PLOT_DIR = paths.PLOTS / "search"
 DATABASE = "study.db"
+MEANS = paths.stage_dir("activations") / "means.safetensors"
 
 
 def storage_url(configured: str | None) -> str:
@@ -56,7 +57,7 @@ def study_name(cfg: DictConfig) -> str:
     settings = OmegaConf.to_container(cfg.search, resolve=True)
     for key in ("storage", "study_name", "n_trials", "kl_budget"):  # more trials or another choice: same study
         settings.pop(key, None)
-    inputs = [*edit_files("select"), paths.stage_dir("directions") / "candidates.safetensors",
+    inputs = [*edit_files("select"), paths.stage_dir("directions") / "candidates.safetensors", MEANS,
               *(paths.split_file("filter", side, "val") for side in ("harmful", "harmless"))]
     blob = json.dumps({"model": cfg.model.name, "search": settings, "eval": list(cfg.eval.refusal_substrings),
                        "inputs": [sha256_file(p) for p in inputs]}, sort_keys=True)
@@ -66,17 +67,23 @@ def study_name(cfg: DictConfig) -> str:
 def objective(cfg: DictConfig, lm: LoadedModel) -> search.Objective:
     """The study's objective on the filtered validation prompts, with the unedited harmless logits computed once."""
     edit = load_edit(lm, "select")
-    candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"]
-    candidates = candidates[edit.position + candidates.shape[0]]  # every layer's candidate at the edit's position
+    site = edit.position + lm.chat.n_post_instruction  # the edit's position as an index into the stored tensors
+    candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"][site]
+    harmless_means = load_tensors(MEANS)["harmless_mean"][site]
     harmful = instructions(read_split("filter", "harmful", "val"))[: cfg.search.n_harmful]
     harmless_ids = lm.encode(instructions(read_split("filter", "harmless", "val"))[: cfg.search.n_harmless])
     variants = list(cfg.search.variants)
     if lm.adapter.orthogonalization_blocker() and "norm_preserving" in variants:
         log.warning("%s cannot fold weight edits: the search leaves out the norm_preserving variant", lm.name)
         variants.remove("norm_preserving")
-    reference = lm.runner(cfg.runtime.batch_size, progress=False).last_logits(harmless_ids, lm.chat.prefix_ids)
-    return search.Objective(lm, edit, candidates, harmful, harmless_ids, reference, list(cfg.eval.refusal_substrings),
-                            cfg.search.max_new_tokens, cfg.eval.batch_size, tuple(variants), cfg.search.max_peak)
+    unknown = set(cfg.search.sources) - set(search.SOURCES)
+    if unknown or not cfg.search.sources:
+        raise ConfigError(f"search.sources={list(cfg.search.sources)}", f"choose from: {', '.join(search.SOURCES)}")
+    harmless = search.HarmlessReference.of(lm, harmless_ids, cfg.search.kl_tokens, cfg.eval.batch_size)
+    return search.Objective(lm, edit, candidates, harmful, harmless, list(cfg.eval.refusal_substrings),
+                            cfg.search.max_new_tokens, cfg.eval.batch_size, tuple(variants), cfg.search.max_peak,
+                            tuple(cfg.search.sources), harmless_means, tuple(cfg.search.layer_range),
+                            cfg.search.max_kl, cfg.search.prune_dominated)
 
 
 def open_study(cfg: DictConfig) -> optuna.Study:
@@ -139,6 +146,8 @@ def work(cfg: DictConfig) -> tuple[optuna.Study, search.Objective, int]:
     study = open_study(cfg)
     lm = load_model(cfg.model, cfg.runtime.device)
     goal = objective(cfg, lm)
+    if not study.trials and "selected" in goal.sources and cfg.search.max_peak >= 1:
+        study.enqueue_trial(search.paper_params(lm.n_layers))  # start from the paper's edit
     return study, goal, search.optimize(study, goal, cfg.search.n_trials)
 
 
@@ -148,6 +157,11 @@ def run(cfg: DictConfig) -> None:
         return
     study, goal, ran = work(cfg)
     trials = search.completed(study)
+    n_finished = len(search.finished(study))
+    if not trials:
+        raise PipelineError(f"all {n_finished} trials of study {study.study_name} were pruned for a KL above "
+                            f"search.max_kl={cfg.search.max_kl} (they stay in the study)",
+                            "raise search.max_kl or lower search.max_peak and rerun (that starts a new study)")
     table = trial_table(trials)
     with atomic_path(OUT / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -157,20 +171,21 @@ def run(cfg: DictConfig) -> None:
         table[["trial", "kl", "refusals", "pareto"]].to_csv(tmp, index=False)
 
     chosen, within = search.choose(trials, cfg.search.kl_budget)
-    edit, intervention = search.trial_edit(chosen.params, goal.base, goal.candidates)
+    edit, intervention = search.trial_edit(chosen.params, goal.base, goal.candidates, goal.harmless_means)
     save_edit(OUT, replace(edit, provenance={
         "method": "search", "stage": "search", "model": cfg.model.name, "intervention": intervention,
         "trial": chosen.number, "params": chosen.params, "study": study.study_name,
         "derived_from": "artifacts/select/edit.safetensors"}))
     baseline = (goal.refusals(), 0.0)  # the unedited model: its KL to itself is 0 by definition
-    selected = goal.measure(goal.base, "ablation")  # the paper's: the selected direction at every layer
+    selected = goal.measure(goal.base, "ablation")[:2]  # the paper's: the selected direction at every layer
     plot_front(table, {"unedited model": baseline, "selected direction, full ablation": selected}, chosen.number,
                PLOT_DIR / "pareto.png")
     reference = (len(goal.harmful), 1.0)
     front = table[table.pareto]
     write_json(paths.metrics("search"), {
-        "enabled": True, "study": study.study_name, "n_trials": len(trials), "trials_this_run": ran,
-        "n_harmful": len(goal.harmful), "n_harmless": len(goal.harmless_ids),
+        "enabled": True, "study": study.study_name, "n_trials": n_finished, "n_pruned": n_finished - len(trials),
+        "trials_this_run": ran,
+        "n_harmful": len(goal.harmful), "n_harmless": len(goal.harmless.ids), "kl_tokens": cfg.search.kl_tokens,
         "chosen": {"trial": chosen.number, "refusals": chosen.values[0], "kl": round(chosen.values[1], 6),
                    "within_kl_budget": within, "intervention": intervention},
         "unedited": {"refusals": baseline[0]},
@@ -179,7 +194,7 @@ def run(cfg: DictConfig) -> None:
         "hypervolume": round(search.hypervolume(list(zip(front.refusals, front.kl)), reference), 6),
         "hypervolume_reference": {"refusals": reference[0], "kl": reference[1]},
     })
-    log.info("search: %d trials (%d this run); chosen trial %d: %d refusals, KL %.4f", len(trials), ran,
+    log.info("search: %d trials (%d this run); chosen trial %d: %d refusals, KL %.4f", n_finished, ran,
              chosen.number, chosen.values[0], chosen.values[1])
 
 

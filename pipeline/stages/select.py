@@ -34,8 +34,11 @@ def plot_heatmaps(table: pd.DataFrame, chosen: dict | None, out_dir) -> None:
     """Heatmaps of each score by layer (x) and post-instruction position (y); the choice is starred."""
     titles = {"bypass_score": "Bypass: refusal score, harmful + ablation (lower removes refusal)",
               "induce_score": "Induce: refusal score, harmless + addition (higher induces refusal)",
-              "kl": "KL(baseline || ablated) on harmless"}
+              "kl": "KL(baseline || ablated) on harmless",
+              "cosmic_score": "COSMIC: cosine agreement with the other side's mean (higher is better)"}
     for metric, title in titles.items():
+        if metric not in table.columns:
+            continue
         grid = table.pivot(index="position", columns="layer", values=metric)
         labels = table.drop_duplicates("position").set_index("position").position_label
         fig, ax = plt.subplots(figsize=(max(6, 0.28 * grid.shape[1] + 2), 0.45 * grid.shape[0] + 1.6))

@@ -1,0 +1,256 @@
+"""Head to head: the project's ablation-parameter search against heretic, same model, prompts, trials and metrics.
+
+``python -m pipeline.benchmark search --trials N [hydra overrides]`` runs, one after the other on this
+machine, heretic (``heretic-llm`` 1.4.0, installed into its own virtualenv with the CPU torch pin and
+run as an external program; none of its code is imported) and the project's search (``pipeline.search``)
+with:
+
+* the same fitting prompts (difference in means: the paper's harmful and harmless train splits) and the
+  same evaluation prompts (their val splits), handed to heretic as local JSONL datasets;
+* the same chat text: one system prompt given to both (heretic always sends one);
+* the same trial budget, random start-up trials and seed, the same generation budget and batch size;
+* the same refusal judge: the project's refusal phrases, given to heretic as its refusal markers (both
+  match case-insensitively anywhere in the completion; heretic also counts an empty completion as a
+  refusal and folds typographic apostrophes first);
+* the same KL: exact KL(unedited || edited) of the first generated token's distribution, averaged over
+  the harmless evaluation prompts.
+
+The project's search uses the fractional-layer direction source only (heretic has no selected direction
+to offer) read at the last post-instruction token, as heretic reads its directions.
+
+It prints plain ``name: value`` lines: the settings, each front's points, each front's hypervolume
+against the reference point (every harmful evaluation prompt refused, KL = 1), ``hypervolume_ratio``
+(ours / heretic), whether our front dominates heretic's, and ``trials_per_hour_ratio`` (ours / heretic;
+each tool's rate over its trial phase, from the trials' start and end times in its Optuna storage).
+Everything it writes stays under ``--work-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from pipeline import search
+from pipeline.benchmark import emit, load_prompts
+from pipeline.config import compose_config
+from pipeline.edit import Edit
+from pipeline.models.loading import checkpoint, load_model, resolve_device, resolve_dtype
+from pipeline.runtime import apply_threads
+from pipeline.stages.activations import mean_activations
+
+HERETIC = "heretic-llm==1.4.0"
+TORCH_PIN = "torch==2.13.0"  # the CPU build; an unpinned torch would pull a multi-GB CUDA build
+DEFAULT_VENV = Path("~/.cache/refusal-direction/benchmark/heretic-1.4.0").expanduser()
+SYSTEM_PROMPT = "You are a helpful assistant."  # heretic's default; the project's chat format gets it too
+EXIT_CHOICE = re.compile(r"\[(\d+)\]\s+Exit program")
+# What heretic's trials store (its study is an Optuna journal file): raw objectives and trial times.
+DUMP_TRIALS = """
+import json, sys, optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+study = optuna.load_study(study_name="heretic", storage=JournalStorage(JournalFileBackend(sys.argv[1])))
+print(json.dumps([{"number": t.number, "refusals": t.user_attrs["refusals"], "kl": t.user_attrs["kl_divergence"],
+                   "base_refusals": t.user_attrs["base_refusals"], "start": t.datetime_start.timestamp(),
+                   "end": t.datetime_complete.timestamp()}
+                  for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]))
+"""
+
+
+@dataclass
+class Run:
+    """One tool's complete trials as ``(refusals, kl)`` points, how many trials it ran in all (ours prunes
+    trials whose refusals cannot change the front), and its trial-phase and whole-run wall times."""
+
+    tool: str
+    points: list[tuple[int, float]]
+    n_trials: int
+    trial_seconds: float
+    wall_seconds: float
+    unedited_refusals: int
+
+    @property
+    def trials_per_hour(self) -> float:
+        return self.n_trials * 3600 / self.trial_seconds
+
+    def front(self) -> list[tuple[int, float]]:
+        return sorted({self.points[i] for i in search.pareto(self.points)}, key=lambda p: (p[1], p[0]))
+
+
+def heretic_executable(venv: Path) -> Path:
+    """heretic's command in its own virtualenv, created (CPU torch pin first) when missing."""
+    exe = venv / "bin" / "heretic"
+    if exe.exists():
+        return exe
+    emit("heretic_install", f"{HERETIC} into {venv}")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    subprocess.run([*pip, HERETIC], check=True)
+    return exe
+
+
+def write_dataset(folder: Path, texts: list[str]) -> Path:
+    """A local dataset heretic reads with ``load_dataset(folder, split="train")``, column ``text``."""
+    folder.mkdir(parents=True)
+    with (folder / "train.jsonl").open("w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+def heretic_command(exe: Path, model_dir: str, data: dict[str, Path], args: argparse.Namespace, dtype: str,
+                    device: str, markers: list[str], batch_size: int, checkpoints: Path) -> list[str]:
+    sets = {"good-prompts": "harmless_train", "bad-prompts": "harmful_train",
+            "good-evaluation-prompts": "harmless_val", "bad-evaluation-prompts": "harmful_val"}
+    command = [str(exe), "--model", model_dir, "--dtypes", json.dumps([dtype]), "--device-map", device,
+               "--n-trials", str(args.trials), "--n-startup-trials", str(args.startup_trials),
+               "--seed", str(args.seed), "--max-response-length", str(args.max_new_tokens),
+               "--batch-size", str(batch_size), "--refusal-markers", json.dumps(markers),
+               "--system-prompt", SYSTEM_PROMPT, "--study-checkpoint-dir", str(checkpoints)]
+    for option, key in sets.items():
+        command += [f"--{option}.dataset", str(data[key]), f"--{option}.split", "train",
+                    f"--{option}.column", "text"]
+    return command
+
+
+def run_heretic(command: list[str], log_path: Path) -> float:
+    """Run heretic to the end of its study, answer its final menu with "Exit program", return the wall time.
+
+    With ``KAGGLE_KERNEL_RUN_TYPE`` set heretic asks through numbered ``input()`` menus instead of a
+    terminal UI, so the menu is answered on stdin once its "Exit program" line has been printed.
+    """
+    env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "benchmark", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with log_path.open("w") as log, subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if match := EXIT_CHOICE.search(line):
+                proc.stdin.write(match.group(1) + "\n")
+                proc.stdin.flush()
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"heretic exited with status {code}; its output is in {log_path}")
+    return time.perf_counter() - start
+
+
+def heretic_run(venv: Path, command: list[str], work: Path) -> Run:
+    wall = run_heretic(command, work / "heretic.log")
+    journal = next((work / "heretic").glob("*.jsonl"))
+    dumped = subprocess.run([str(venv / "bin" / "python"), "-c", DUMP_TRIALS, str(journal)], check=True,
+                            capture_output=True, text=True).stdout
+    trials = json.loads(dumped)
+    return Run("heretic", [(t["refusals"], t["kl"]) for t in trials], len(trials),
+               max(t["end"] for t in trials) - min(t["start"] for t in trials), wall, trials[0]["base_refusals"])
+
+
+def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: Path) -> Run:
+    """The project's search, fitted and evaluated on the same prompts, in a fresh SQLite study."""
+    start = time.perf_counter()
+    lm = load_model(cfg.model, cfg.runtime.device)
+    batch = cfg.runtime.batch_size
+    harmful_mean = mean_activations(lm, prompts["harmful_train"], batch, "harmful fit")[-1]
+    harmless_mean = mean_activations(lm, prompts["harmless_train"], batch, "harmless fit")[-1]
+    candidates = (harmful_mean - harmless_mean).float()  # [n_layers + 1, d] at the last post-instruction token
+    middle = lm.n_layers // 2  # only the searched fractional-layer direction is used; `base` gives the site
+    base = Edit.of(candidates[middle], middle, lm.n_layers, position=-1, harmless_mean=harmless_mean[middle].float())
+    harmless = search.HarmlessReference.of(lm, lm.encode(prompts["harmless_val"]), 1, cfg.eval.batch_size)
+    objective = search.Objective(lm, base, candidates, prompts["harmful_val"], harmless,
+                                 list(cfg.eval.refusal_substrings), args.max_new_tokens, cfg.eval.batch_size,
+                                 tuple(cfg.search.variants), cfg.search.max_peak, ("layer",), harmless_mean.float(),
+                                 tuple(cfg.search.layer_range), cfg.search.max_kl, cfg.search.prune_dominated)
+    unedited = objective.refusals()
+    study = optuna.create_study(storage=search.storage(f"sqlite:///{work / 'ours.db'}"), study_name="ours",
+                                directions=["minimize", "minimize"],
+                                sampler=search.sampler("tpe", args.seed, args.startup_trials))
+    search.optimize(study, objective, args.trials)
+    trials = search.finished(study)
+    trial_seconds = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    return Run("ours", [(int(t.values[0]), t.values[1]) for t in search.completed(study)], len(trials),
+               trial_seconds, time.perf_counter() - start, unedited)
+
+
+def dominates(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) -> bool:
+    """Every point of ``theirs`` has one of ``ours`` with no more refusals and no more KL."""
+    return all(any(r <= tr and k <= tk for r, k in ours) for tr, tk in theirs)
+
+
+def report(runs: list[Run], n_harmful: int) -> None:
+    reference = (n_harmful, 1.0)
+    emit("hypervolume_reference", f"refusals={reference[0]} kl={reference[1]}")
+    volumes = {}
+    for run in runs:
+        emit(f"{run.tool}_unedited_refusals", f"{run.unedited_refusals}/{n_harmful}")
+        emit(f"{run.tool}_trials", f"{run.n_trials} ({run.n_trials - len(run.points)} pruned)")
+        for refusals, kl in run.front():
+            emit(f"{run.tool}_front_point", f"refusals={refusals} kl={kl:.4f}")
+        volumes[run.tool] = search.hypervolume(run.front(), reference)
+        emit(f"{run.tool}_hypervolume", f"{volumes[run.tool]:.4f}")
+        emit(f"{run.tool}_trial_seconds", f"{run.trial_seconds:.0f}")
+        emit(f"{run.tool}_setup_seconds", f"{run.wall_seconds - run.trial_seconds:.0f}")
+        emit(f"{run.tool}_trials_per_hour", f"{run.trials_per_hour:.1f}")
+    ours, heretic = (next(r for r in runs if r.tool == name) for name in ("ours", "heretic"))
+    ratio = volumes["ours"] / volumes["heretic"] if volumes["heretic"] else float("inf")
+    emit("hypervolume_ratio", f"{ratio:.3f}")
+    emit("ours_front_dominates_heretic_front", dominates(ours.front(), heretic.front()))
+    emit("trials_per_hour_ratio", f"{ours.trials_per_hour / heretic.trials_per_hour:.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.benchmark search", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--trials", type=int, default=20, help="trials per tool")
+    parser.add_argument("--startup-trials", type=int, default=6, help="random trials before TPE, per tool")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-fit", type=int, default=64, help="harmful and harmless fitting prompts each")
+    parser.add_argument("--n-eval", type=int, default=24, help="harmful and harmless evaluation prompts each")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated to judge refusal")
+    parser.add_argument("--paper-dir", type=Path, default=Path("../shared/datasets/refusal_direction"))
+    parser.add_argument("--heretic-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--work-dir", type=Path, default=Path("artifacts/benchmark/search"))
+    args = parser.parse_intermixed_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.startup_trials > args.trials:
+        parser.error("--startup-trials must not exceed --trials")
+
+    cfg = compose_config([*args.overrides, "search=optuna", f"model.system_prompt={SYSTEM_PROMPT!r}"])
+    apply_threads(cfg.runtime.threads)
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.model, device)
+    model_dir, _ = checkpoint(cfg.model, dtype)
+    prompts = load_prompts(args.paper_dir if args.paper_dir.is_dir() else None, args.n_fit, args.n_eval)
+    shutil.rmtree(args.work_dir, ignore_errors=True)  # a fresh study for each tool, every run
+    data = {key: write_dataset(args.work_dir / "prompts" / key, texts) for key, texts in prompts.items()}
+    markers = list(cfg.eval.refusal_substrings)
+    exe = heretic_executable(args.heretic_venv)
+    command = heretic_command(exe, model_dir, data, args, dtype, device, markers, cfg.eval.batch_size,
+                              args.work_dir / "heretic")
+    for name, value in (("model", cfg.model.name), ("model_dir", model_dir), ("dtype", dtype),
+                        ("trials", args.trials), ("startup_trials", args.startup_trials), ("seed", args.seed),
+                        ("max_new_tokens", args.max_new_tokens), ("batch_size", cfg.eval.batch_size),
+                        ("ours_settings", json.dumps({k: cfg.search[k] for k in ("layer_range", "variants", "max_peak",
+                                                                                 "max_kl", "prune_dominated")},
+                                                      default=list)),
+                        ("prompts_per_set", {k: len(v) for k, v in prompts.items()}),
+                        ("refusal_markers", json.dumps(markers)),
+                        ("heretic_settings", " ".join(command[1:]))):
+        emit(name, value)
+    runs = [heretic_run(args.heretic_venv, command, args.work_dir), our_run(cfg, prompts, args, args.work_dir)]
+    report(runs, len(prompts["harmful_val"]))
+
+
+if __name__ == "__main__":
+    main()
