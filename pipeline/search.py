@@ -54,13 +54,17 @@ SAMPLERS = ("tpe", "nsga2")
 SOURCES = ("selected", "layer")
 
 
+def interpolated(rows: torch.Tensor, index: float) -> torch.Tensor:
+    """``rows`` ``[n_sites, d]`` read at a fractional site ``index`` (linear between the neighbours)."""
+    low = int(math.floor(index))
+    high = min(low + 1, rows.shape[0] - 1)
+    return torch.lerp(rows[low].float(), rows[high].float(), index - low)
+
+
 def direction_at(candidates: torch.Tensor, index: float) -> torch.Tensor:
     """The unit direction at a fractional layer ``index`` of ``candidates`` ``[n_sites, d]``: the unit
     candidates of the two neighbouring layers, interpolated linearly and normalised."""
-    low = int(math.floor(index))
-    high = min(low + 1, candidates.shape[0] - 1)
-    share = index - low
-    return unit((1 - share) * unit(candidates[low]) + share * unit(candidates[high]))
+    return unit(interpolated(unit(candidates), index))
 
 
 def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], max_peak: float,
@@ -92,13 +96,6 @@ def paper_params(n_layers: int) -> dict:
 def kernel(params: dict, part: str) -> Kernel:
     peak = params[f"{part}_peak"]
     return Kernel(peak, params[f"{part}_position"], params[f"{part}_floor"] * peak, params[f"{part}_width"])
-
-
-def interpolated(rows: torch.Tensor, index: float) -> torch.Tensor:
-    """``rows`` ``[n_sites, d]`` read at a fractional site ``index`` (linear between the neighbours)."""
-    low = int(math.floor(index))
-    high = min(low + 1, rows.shape[0] - 1)
-    return torch.lerp(rows[low].float(), rows[high].float(), index - low)
 
 
 def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,

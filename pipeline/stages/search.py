@@ -2,8 +2,9 @@
 
 The study (``pipeline.search``) minimises refusals on the filtered harmful validation prompts and
 KL (first token by default, ``search.kl_tokens``) on the filtered harmless validation prompts; the
-fitting prompts (train) and the test prompts the evaluation stages report on are never used. Trials are stored in ``search.storage`` (by
-default ``artifacts/search/study.db``, SQLite, kept across runs: a killed stage resumes the same study);
+fitting prompts (train) and the test prompts the evaluation stages report on are never used. Trials are
+stored in ``search.storage`` (by default ``artifacts/search/study.db``, SQLite, kept across runs: a
+killed stage resumes the same study);
 with a PostgreSQL or MySQL URL, workers started with ``python -m pipeline.search_worker`` join it.
 
 Writes every trial (``trials.csv``), the Pareto front (``pareto.csv``, ``plots/search/pareto.png``
