@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
+import sqlalchemy.exc
 import torch
 
 from pipeline.edit import Edit, Kernel
@@ -231,12 +232,23 @@ def sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSa
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
 
 
-def storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeats: a trial whose worker died is marked failed once its heartbeat is stale."""
+def storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats: a trial whose worker died is marked failed once its heartbeat is stale.
+
+    Workers that start together on a fresh database race to create Optuna's schema; the loser's insert
+    of the schema version fails although the schema is then complete, so it tries again (up to
+    ``attempts`` times in all; the last failure is raised)."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9; we rely on them knowingly
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, engine_kwargs=engine)
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9; we rely on them knowingly
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, engine_kwargs=engine)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
+            if attempt == attempts:
+                raise
+            log.warning("creating the study storage collided with another worker (%s); trying again", error.orig)
+            time.sleep(0.2 * attempt)
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

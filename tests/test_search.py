@@ -202,9 +202,32 @@ def _worker(project: Path, env: dict, **overrides) -> subprocess.Popen:
 
 
 def _trials(project: Path, overrides: dict) -> list[optuna.trial.FrozenTrial]:
-    storage = f"sqlite:///{project / 'artifacts' / 'search' / 'study.db'}"
+    storage = search.storage(f"sqlite:///{project / 'artifacts' / 'search' / 'study.db'}")
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+
+
+def test_workers_that_start_together_on_a_fresh_storage_all_open_it(monkeypatch):
+    """The loser of the race to create Optuna's schema finds the schema complete when it tries again;
+    a storage that keeps failing still raises."""
+    import sqlalchemy.exc
+    collision = sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+    calls = []
+
+    def rdb_storage(url, failures, **kwargs):
+        calls.append(url)
+        if len(calls) <= failures:
+            raise collision
+        return "storage"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: rdb_storage(url, failures=1))
+    monkeypatch.setattr(search.time, "sleep", lambda seconds: None)
+    assert search.storage("sqlite:///study.db") == "storage" and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: rdb_storage(url, failures=99))
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        search.storage("sqlite:///study.db", attempts=3)
+    assert len(calls) == 3
 
 
 @pytest.mark.slow
@@ -231,7 +254,7 @@ def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(selected, t
     while time.time() < deadline:  # wait until some trials are complete, then kill mid-trial
         assert worker.poll() is None, f"the worker ended before it was killed:\n{worker.stderr.read()[-3000:]}"
         db = selected / "artifacts" / "search" / "study.db"
-        if db.exists() and optuna.get_all_study_summaries(f"sqlite:///{db}"):
+        if db.exists() and optuna.get_all_study_summaries(search.storage(f"sqlite:///{db}")):
             done = [t for t in _trials(selected, overrides) if t.state == optuna.trial.TrialState.COMPLETE]
             if len(done) >= 3:
                 break
