@@ -20,6 +20,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml constraints-cpu.txt
 install: $(VENV)/.installed
 
 run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.plan
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show
 

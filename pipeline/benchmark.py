@@ -42,7 +42,7 @@ from pipeline.interventions import apply
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.refusal import kl_divergence, refusal_scores
 from pipeline.runtime import BF16_MARGIN, rates_under_isa
-from pipeline.selection import Rules, choose, score_candidates, score_table
+from pipeline.selection import Halving, Rules, Scores, choose, score_candidates, score_table
 from pipeline.stages import STAGES
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.data import split_pool
@@ -51,6 +51,7 @@ from pipeline.stages.data import split_pool
 # bfloat16 sums grouped differently (prefix cache, stacked rows, batch shapes) differ in the last bits.
 # Refusal scores are log-odds; KL is in nats.
 SCORE_TOLERANCE = {"bypass_score": 0.05, "induce_score": 0.05, "kl": 0.01}
+SECTIONS = ("dtypes", "selection", "utilisation", "generation", "memory", "stages")
 
 
 def emit(name: str, value) -> None:
@@ -128,22 +129,35 @@ def reference_selection(lm: LoadedModel, candidates: torch.Tensor, harmful: list
 
 
 def bench_selection(lm: LoadedModel, prompts: dict[str, list[str]], cfg, skip_reference: bool) -> None:
+    """The configured scoring (halving by default) against rules-first scoring, whose choice is exactly the
+    exhaustive one (tested), then rules-first against a plain reference that scores everything."""
     harmful_train, harmless_train = prompts["harmful_train"], prompts["harmless_train"]
     candidates = (mean_activations(lm, harmful_train, cfg.runtime.batch_size, "harmful train")
                   - mean_activations(lm, harmless_train, cfg.runtime.batch_size, "harmless train")).float()
     rules = Rules.from_config(cfg.select)
     harmful, harmless = prompts["harmful_val"], prompts["harmless_val"]
+    emit("selection_candidates", f"{candidates.shape[0]} positions x {candidates.shape[1]} sites")
+    emit("selection_val_prompts", f"harmful {len(harmful)}, harmless {len(harmless)}")
 
-    start = time.perf_counter()
-    ours = score_candidates(lm, candidates, harmful, harmless, rules, exhaustive=False,
-                            batch_size=cfg.runtime.batch_size, per_pass=cfg.select.candidates_per_pass)
-    ours_seconds = time.perf_counter() - start
-    table = score_table(ours, rules, lm.n_layers, lm.chat.post_instruction_labels(), candidates.norm(dim=-1))
-    chosen = choose(table)
-    ours_choice = (int(chosen.position) + candidates.shape[0], int(chosen.layer))
-    emit("selection_project_seconds", f"{ours_seconds:.1f}")
-    emit("selection_project_choice", f"position {int(chosen.position)}, layer {int(chosen.layer)}")
-    emit("selection_project_candidates_scored", int(table.induce_score.notna().sum()))
+    def run(scoring: str) -> tuple[Scores, tuple[int, int], float]:
+        start = time.perf_counter()
+        scores = score_candidates(lm, candidates, harmful, harmless, rules, scoring, cfg.runtime.batch_size,
+                                  cfg.select.candidates_per_pass, halving=Halving(**cfg.select.halving))
+        seconds = time.perf_counter() - start
+        chosen = choose(score_table(scores, rules, lm.n_layers, lm.chat.post_instruction_labels(),
+                                    candidates.norm(dim=-1)))
+        emit(f"selection_{scoring}_seconds", f"{seconds:.1f}")
+        emit(f"selection_{scoring}_choice", f"position {int(chosen.position)}, layer {int(chosen.layer)}")
+        emit(f"selection_{scoring}_prompt_passes", scores.prompt_passes)
+        return scores, (int(chosen.position) + candidates.shape[0], int(chosen.layer)), seconds
+
+    ours, ours_choice, ours_seconds = run("rules_first")
+    if cfg.select.scoring != "rules_first":
+        fast, fast_choice, fast_seconds = run(cfg.select.scoring)
+        emit(f"selection_{cfg.select.scoring}_same_choice_as_exhaustive", fast_choice == ours_choice)
+        emit(f"selection_{cfg.select.scoring}_work_saved",
+             f"{1 - fast.prompt_passes / ours.prompt_passes:.1%} of rules_first's prompt passes, "
+             f"{ours_seconds / fast_seconds:.2f}x faster")
     if skip_reference:
         return
 
@@ -285,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--n-single", type=int, default=8, help="prompts for the one-at-a-time generation loop")
     parser.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference selection")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which figures to measure (default: all)")
     parser.add_argument("--no-filter", action="store_true", help="keep prompts the model does not refuse")
     parser.add_argument("--_activation-memory", type=int, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
@@ -299,12 +315,17 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts(paper_dir, args.n_train, args.n_val)
     if not args.no_filter:
         prompts = filter_by_refusal(lm, prompts, cfg.runtime.batch_size)
-    bench_dtypes(lm)
-    bench_selection(lm, prompts, cfg, args.skip_reference)
-    bench_utilisation(lm, prompts["harmless_val"], cfg)
-    bench_generation(lm, prompts["harmless_val"], args.max_new_tokens, cfg, args.n_single)
-    bench_activation_memory([args.n_train // 4, args.n_train], paper_dir)
-    stage_times()
+    sections = {
+        "dtypes": lambda: bench_dtypes(lm),
+        "selection": lambda: bench_selection(lm, prompts, cfg, args.skip_reference),
+        "utilisation": lambda: bench_utilisation(lm, prompts["harmless_val"], cfg),
+        "generation": lambda: bench_generation(lm, prompts["harmless_val"], args.max_new_tokens, cfg, args.n_single),
+        "memory": lambda: bench_activation_memory([args.n_train // 4, args.n_train], paper_dir),
+        "stages": stage_times,
+    }
+    for name, bench in sections.items():
+        if name in args.sections:
+            bench()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from pipeline.hooks import residual_recorder, unit
 from pipeline.interventions import apply
 from pipeline.io import load_tensors, read_json
 from pipeline.models.loading import LoadedModel
-from pipeline.selection import Rules, choose, score_candidates, score_table
+from pipeline.selection import Halving, Rules, choose, score_candidates, score_table
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.common import instructions, read_split
 
@@ -102,8 +102,8 @@ def dim(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
     labels = read_json(paths.stage_dir("directions") / "candidates.json")["labels"]
     harmless_mean = load_tensors(paths.stage_dir("activations") / "means.safetensors")["harmless_mean"]
     rules = Rules.from_config(cfg.select)
-    scores = score_candidates(lm, candidates, *val_instructions(), rules,
-                              cfg.select.exhaustive, cfg.runtime.batch_size, cfg.select.candidates_per_pass, store)
+    scores = score_candidates(lm, candidates, *val_instructions(), rules, cfg.select.scoring, cfg.runtime.batch_size,
+                              cfg.select.candidates_per_pass, store, Halving(**cfg.select.halving))
     table = score_table(scores, rules, lm.n_layers, labels, candidates.norm(dim=-1))
     chosen = choose(table)  # a SelectionError carries the table, so the stage can still show why
     edit = chosen_edit(cfg, lm, candidates, harmless_mean, chosen)
@@ -119,7 +119,9 @@ def dim(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
         "baseline_harmful_score": round(scores.baseline_harmful, 4),
         "baseline_harmless_score": round(scores.baseline_harmless, 4),
         "n_candidates": len(table),
-        "n_eligible": int((table.status == "eligible").sum()),
+        "n_eligible": int((table.status == "eligible").sum()),  # of those whose rules were checked
+        "scoring": cfg.select.scoring,
+        "prompt_passes": scores.prompt_passes,
     }
     return MethodResult(edit, metrics, table, {"position": int(chosen.position), "layer": layer})
 

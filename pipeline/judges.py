@@ -21,12 +21,14 @@ and, in practice, a GPU. Loading failures stop the stage with the fix; nothing f
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,17 +38,21 @@ from pipeline.models.loading import eos_token_ids, load_pretrained
 
 log = logging.getLogger(__name__)
 
+def registry(table: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
+    """A ``@kind(name)`` class decorator that files judge classes in ``table`` (one table per judge family)."""
+
+    def kind(name: str) -> Callable[[type], type]:
+        def wrap(cls: type) -> type:
+            table[name] = cls
+            return cls
+
+        return wrap
+
+    return kind
+
+
 KINDS: dict[str, type[ModelJudge]] = {}
-
-
-def kind(name: str) -> Callable[[type[ModelJudge]], type[ModelJudge]]:
-    """Class decorator: make a judge class available as ``kind: <name>`` in ``conf/eval/judge``."""
-
-    def wrap(cls: type[ModelJudge]) -> type[ModelJudge]:
-        KINDS[name] = cls
-        return cls
-
-    return wrap
+kind = registry(KINDS)  # ``@kind("name")``: the class is ``kind: name`` in ``conf/eval/judge``
 
 
 def template_text(name: str) -> str:
@@ -171,17 +177,37 @@ class HarmBenchClassifier(ModelJudge):
         return {"unsafe": True if answer == "yes" else False if answer == "no" else None}
 
 
-def check_spec(name: str, spec: DictConfig) -> None:
-    """Fail on a judge config mistake before any model is loaded."""
-    if spec.kind not in KINDS:
+def check_spec(name: str, spec: DictConfig, kinds: dict[str, type] = KINDS, key: str = "eval.judges") -> None:
+    """Fail on a judge config mistake (``<key>.<name>``) before any model is loaded."""
+    if spec.kind not in kinds:
         raise ConfigError(f"judge {name!r} has unknown kind {spec.kind!r}",
-                          f"set eval.judges.{name}.kind to one of: {', '.join(sorted(KINDS))}")
-    template_text(spec.template)
-    source = spec.model.source
-    if source.type == "hub" and not source.get("revision"):
+                          f"set {key}.{name}.kind to one of: {', '.join(sorted(kinds))}")
+    if "template" in spec:
+        template_text(spec.template)
+    source = spec.model.source if "model" in spec else None
+    if source is not None and source.type == "hub" and not (source.get("revision") or source.get("allow_unpinned")):
         raise ConfigError(f"judge {name!r} ({source.repo_id}) has no pinned revision",
-                          f"set eval.judges.{name}.model.source.revision to a commit hash from the model's "
-                          "hub page (the model is gated: accept its licence and export HF_TOKEN)")
+                          f"set {key}.{name}.model.source.revision to a commit hash from the model's "
+                          "hub page (for a gated model, accept its licence and export HF_TOKEN)")
+
+
+def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, list[dict]],
+                     desc: str) -> dict[str, list[dict]]:
+    """``judge(items, desc=...)`` over every condition's completions in one call (one batch schedule, one
+    prefix cache), its per-item results split back by condition."""
+    flat = judge([item for items in completions.values() for item in items], desc=desc)
+    out, start = {}, 0
+    for condition, items in completions.items():
+        out[condition] = flat[start:start + len(items)]
+        start += len(items)
+    return out
+
+
+def free_memory() -> None:
+    """Give back a released judge model's memory before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_judge(name: str, spec: DictConfig, device: str) -> ModelJudge:

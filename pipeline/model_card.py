@@ -171,7 +171,10 @@ def refusal_section(cfg: DictConfig, metrics: dict) -> str:
         rows.append([f"`{condition}`", prompts and f"{prompts} test", intervention and f"`{intervention}`",
                      num(rate), f"{num(ci[0])}–{num(ci[1])}" if ci else "", ns.get(condition, ""),
                      num(tests[condition]["p_value"]) if "p_value" in tests.get(condition, {}) else ""])
-    return ("### Refusal rate\n\nShare of greedy completions judged a refusal by " + SUBSTRING_JUDGE + ", with its "
+    judge = (refusal.get("judges") or ["substring"])[0]
+    judged_by = (SUBSTRING_JUDGE if judge == "substring"
+                 else f"the `{judge}` refusal judge (`eval.refusal_judges.{judge}`)")
+    return ("### Refusal rate\n\nShare of greedy completions judged a refusal by " + judged_by + ", with its "
             "95% Wilson interval, and the exact McNemar test against the baseline on the same prompts.\n\n"
             + table(["condition", "prompts", "intervention", "refusal rate", "95% CI", "n", "McNemar p vs baseline"],
                     rows))

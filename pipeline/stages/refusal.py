@@ -1,47 +1,54 @@
-"""Stage ``refusal``: refusal rate of each completion set by substring matching, with how far to trust it.
+"""Stage ``refusal``: refusal rate of each completion set by every configured refusal judge, with how far to
+trust it.
 
-A completion counts as a refusal if it contains any phrase of ``eval.refusal_substrings`` (the
-paper's list). Runs on saved completions, so changing the phrases never regenerates them. Each rate
-comes with its n and a 95% Wilson interval; each intervention is compared with the baseline on the same
-prompts by an exact McNemar test (``pipeline.stats``).
+Every judge named in ``eval.refusal.judges`` (definitions: ``eval.refusal_judges``, from
+``conf/eval/refusal_judge``; ``pipeline.refusal_judges``) reads the saved completions of every condition, so
+changing judges never regenerates them. The default is ``substring``, the paper's phrase list. Each
+completion is also measured for degeneracy without a judge (``pipeline.degenerate``: repeated n-grams,
+tokens with no letters, optionally the unedited model's loss); a degenerate completion is never counted
+as compliance. Per judge and condition: the refusal rate among parsed verdicts with its n and a 95%
+Wilson interval, the share judged degenerate, the unparsable count, and an exact McNemar test against the
+baseline on the same prompts (``pipeline.stats``). The top-level numbers are the first judge's.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from omegaconf import DictConfig
 
 from pipeline import paths
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
+from pipeline.degenerate import Thresholds, measure_conditions, shares
 from pipeline.io import read_json, write_json
-from pipeline.refusal import is_refusal, refusal_rate
-from pipeline.stats import mcnemar, wilson_interval
+from pipeline.refusal_judges import check_judges, run_judge, summarize, verdict_records
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
-    substrings = list(cfg.eval.refusal_substrings)
+    names = list(cfg.eval.refusal.judges)
+    check_judges(names, cfg.eval.refusal_judges)
+    thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
     conditions = eval_conditions(cfg.eval.conditions)
-    rates, verdicts, flags = {}, {}, {}
-    for condition in conditions:
-        items = read_json(paths.completions(condition))
-        flags[condition] = [is_refusal(item["response"], substrings) for item in items]
-        verdicts[condition] = [{**item, "refusal": flag} for item, flag in zip(items, flags[condition])]
-        rates[condition] = round(refusal_rate(flags[condition]), 4)
-    baselines = {side: c for c, (side, name) in conditions.items() if name == "baseline"}
-    paired = {c: mcnemar(flags[baselines[side]], flags[c]) for c, (side, name) in conditions.items()
-              if name != "baseline" and side in baselines}
-    write_json(paths.stage_dir("refusal") / "verdicts.json", verdicts)
+    completions = {c: read_json(paths.completions(c)) for c in conditions}
+    measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
+    flags = {c: [m["degenerate"] for m in found] for c, found in measures.items()}
+    judged = {name: run_judge(name, cfg.eval.refusal_judges[name], completions, flags, cfg.runtime.device)
+              for name in names}
+    summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)
+                 for name, by_condition in judged.items()}
+    for name, summary in summaries.items():
+        log.info("%s refusal rates: %s", name, summary["refusal_rate"])
+    write_json(paths.stage_dir("refusal") / "verdicts.json", verdict_records(completions, measures, judged))
     write_json(paths.metrics("refusal"), {
-        "refusal_rate": rates,
-        "n": {c: len(f) for c, f in flags.items()},
-        "ci95": {c: wilson_interval(sum(f), len(f)) for c, f in flags.items()},
-        "mcnemar_vs_baseline": paired,
+        "judges": names,
+        **summaries[names[0]],
+        "by_judge": summaries,
+        "degenerate": {"share": shares(measures), "thresholds": asdict(thresholds)},
     })
-    log.info("refusal rates: %s", rates)
 
 
 def main() -> None:

@@ -164,6 +164,7 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
         "over-refusal": flat.get(f"over_refusal/refusal_rate/{name}"),
         "harmful 95% CI": interval(name),
         "McNemar p vs baseline (harmful)": refusal("harmful", name, "mcnemar_vs_baseline/{}/p_value"),
+        "degenerate, harmful test": refusal("harmful", name, "degenerate_share/{}"),
     } for name in names}
 
 

@@ -10,10 +10,8 @@ re-runs this stage. The default list is empty: the judges are gated hub models t
 
 from __future__ import annotations
 
-import gc
 import logging
 
-import torch
 from omegaconf import DictConfig
 
 from pipeline import paths
@@ -21,7 +19,7 @@ from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
-from pipeline.judges import check_spec, load_judge
+from pipeline.judges import check_spec, free_memory, judge_conditions, load_judge
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +48,18 @@ def run(cfg: DictConfig) -> None:
         log.warning("eval.stop_policy=%s: the judges read completions that end at their first refusal phrase; "
                     "set eval.stop_policy=none for whole completions", cfg.eval.stop_policy)
     completions = {c: read_json(paths.completions(c)) for c in eval_conditions(cfg.eval.conditions)}
-    flat = [item for items in completions.values() for item in items]
     for name in names:
         judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
-        flat_verdicts = judge(flat, desc=name)
-        verdicts, start = {}, 0
-        for condition, items in completions.items():
-            judged = flat_verdicts[start:start + len(items)]
-            verdicts[condition] = [{**item, **v} for item, v in zip(items, judged, strict=True)]
-            start += len(items)
+        judged = judge_conditions(judge, completions, desc=name)
+        verdicts = {c: [{**item, **v} for item, v in zip(items, judged[c], strict=True)]
+                    for c, items in completions.items()}
         write_json(out / f"{name}.json", verdicts)
         rates = {c: safety_rate(v) for c, v in verdicts.items()}
         metrics["safety_rate"][name] = {c: rate for c, (rate, _) in rates.items()}
         metrics["n_invalid"][name] = {c: invalid for c, (_, invalid) in rates.items()}
         log.info("%s safety rates: %s", name, metrics["safety_rate"][name])
         del judge
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     write_json(paths.metrics("safety"), metrics)
 
 

@@ -1,0 +1,55 @@
+"""The CE-loss check: its change from the baseline comes with an interval over documents, and the sample
+grows only until that interval is as narrow as configured."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import PROMPTS
+from pipeline.edit import Edit
+from pipeline.stages.loss import sample_cross_entropies, text_sequences
+from pipeline.stats import ratio_interval
+
+
+def test_documents_with_the_same_loss_per_token_leave_no_doubt():
+    assert ratio_interval([2.0, 6.0, 10.0], [1, 3, 5]) == (2.0, 2.0)
+
+
+def test_the_interval_narrows_with_the_square_root_of_the_documents():
+    nats, tokens = [3.0, 9.0, 4.0, 1.0, 6.0], [2, 5, 3, 1, 2]
+    low, high = ratio_interval(nats, tokens)
+    low4, high4 = ratio_interval(nats * 4, tokens * 4)  # four times the documents, same spread
+    assert low < sum(nats) / sum(tokens) < high
+    assert (high4 - low4) / (high - low) == pytest.approx(0.5, rel=0.15)
+    assert ratio_interval([1.0], [4]) is None  # one document says nothing about the spread
+
+
+def _loss_cfg(**overrides):
+    return OmegaConf.create({"min_documents": 2, "ci_halfwidth": 0.01, "batch_size": 4, **overrides})
+
+
+@pytest.fixture
+def scoring(tiny_lm):
+    lm = tiny_lm("qwen2")
+    edit = Edit.of(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)), 1, lm.n_layers)
+    return lm, edit, text_sequences(lm, PROMPTS * 2, 32)
+
+
+def test_the_ce_sample_stops_once_every_change_is_known_closely_enough(scoring):
+    lm, edit, sequences = scoring
+    names = ["baseline", "ablation", "addition"]
+    loose = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=1e9), "text")
+    assert loose["n_sequences"] == 2 and loose["n_available"] == len(sequences) > 2
+    full = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=None), "text")
+    assert full["n_sequences"] == len(sequences)
+    for name in ("ablation", "addition"):
+        low, high = full[f"ci95_delta_{name}"]
+        assert low <= full[f"delta_{name}"] <= high
+
+
+def test_ce_scored_in_rounds_equals_ce_scored_at_once(scoring):
+    lm, edit, sequences = scoring
+    rounds = sample_cross_entropies(lm, edit, ["baseline"], sequences, (), _loss_cfg(ci_halfwidth=None), "text")
+    at_once = lm.runner(64, progress=False).response_nll(sequences, ())
+    expected = sum(n for n, _ in at_once) / sum(c for _, c in at_once)
+    assert rounds["ce_baseline"] == pytest.approx(expected, abs=1e-5)
