@@ -37,10 +37,17 @@ def complete(lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size:
 def complete_ids(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str,
                  store: Checkpoint | None = None, stop_at: Sequence[str] = ()) -> list[str]:
     """``complete`` for prompts already encoded (``lm.encode``, e.g. with an adversarial suffix's ids)."""
-    def decode(tokens: list[int]) -> str:
-        return lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    tokens = completion_tokens(lm, prompts, max_new_tokens, batch_size, desc, store, stop_at)
+    return [decode(lm, t) for t in tokens]
 
-    stop = (lambda tokens: is_refusal(decode(tokens), stop_at)) if stop_at else None
-    tokens = lm.runner(batch_size).generate(prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc,
-                                            store=store, stop=stop)
-    return [decode(t) for t in tokens]
+
+def decode(lm: LoadedModel, tokens: Sequence[int]) -> str:
+    return lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def completion_tokens(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str,
+                      store: Checkpoint | None = None, stop_at: Sequence[str] = ()) -> list[list[int]]:
+    """The generated token ids of ``complete_ids``, for measures that cut a completion at a token budget."""
+    stop = (lambda tokens: is_refusal(decode(lm, tokens), stop_at)) if stop_at else None
+    return lm.runner(batch_size).generate(prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc,
+                                          store=store, stop=stop)

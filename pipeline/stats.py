@@ -1,5 +1,5 @@
 """How far a figure can be trusted: 95% Wilson intervals, exact McNemar tests between paired conditions,
-and intervals of per-token means over sampled documents.
+intervals of per-token means over sampled documents, and a judge's agreement with human labels.
 
 Refusal rates here come from tens of prompts, so their sampling error is several points; two
 conditions evaluated on the same prompts (baseline vs an intervention) are compared on the prompts
@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 from scipy.stats import binomtest, norm
+from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
@@ -47,3 +48,23 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float],
     spread = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators)) / (n - 1)
     half = norm.ppf(0.5 + confidence / 2) * math.sqrt(spread / n) / (sum(denominators) / n)
     return round(ratio - half, 6), round(ratio + half, 6)
+
+
+def agreement(labels: Sequence[str], verdicts: Sequence[str | None], classes: Sequence[str]) -> dict:
+    """How a judge's ``verdicts`` agree with human ``labels``: accuracy and Cohen's kappa (agreement beyond
+    chance) over every item, an unparsable verdict (None) counting as a disagreement of its own kind,
+    and the confusion matrix ``{label: {verdict: count}}``."""
+    if len(labels) != len(verdicts) or not labels:
+        raise ValueError(f"{len(labels)} labels and {len(verdicts)} verdicts: need equally many, at least one")
+    found = [v if v is not None else "unparsable" for v in verdicts]
+    columns = [*classes, "unparsable"]
+    counts = confusion_matrix(list(labels), found, labels=columns)
+    kappa = cohen_kappa_score(list(labels), found, labels=columns)
+    return {
+        "n": len(labels),
+        "accuracy": round(sum(a == b for a, b in zip(labels, found)) / len(labels), 4),
+        "kappa": round(float(kappa), 4) if math.isfinite(kappa) else None,
+        "unparsable": found.count("unparsable"),
+        "confusion": {label: {c: int(n) for c, n in zip(columns, row) if n} for label, row in zip(columns, counts)
+                      if label in classes and row.sum()},
+    }

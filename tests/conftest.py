@@ -220,6 +220,8 @@ HARMLESS = PROMPTS + ["Name a fruit.", "Describe a sunset.", "List three colours
 TINY_SETTINGS = {"select.kl_threshold": 1e9, "select.induce_threshold": -1e9, "eval.max_new_tokens": 4,
                  "eval.loss.max_documents": 3, "eval.loss.max_length": 32, "eval.capabilities.limit": 5,
                  "eval.over_refusal.n_prompts": 6, "orthogonalize.check_prompts": 2,
+                 "eval.delayed_refusal.n_prompts": 2, "eval.delayed_refusal.max_new_tokens": 8,
+                 "eval.delayed_refusal.budgets": [2],
                  "orthogonalize.max_kl": 1e-4, "runtime.device": "cpu", "runtime.batch_size": 4,
                  "tracking.wandb.mode": "disabled"}
 

@@ -141,11 +141,21 @@ def examples(table: pd.DataFrame, n: int, conditions: dict[str, tuple[str, str]]
     return out
 
 
+def judge_agreement(flat: dict[str, Any], judge: str) -> str:
+    """``judge: accuracy, kappa (n labelled)`` from the ``judge_validation`` stage, or that it was not validated."""
+    found = f"judge_validation/judges/{judge}"
+    if f"{found}/accuracy" not in flat:
+        return f"{judge}: not validated"
+    kappa = flat.get(f"{found}/kappa")
+    return (f"{judge}: accuracy {flat[f'{found}/accuracy']:.2f}, kappa {'n/a' if kappa is None else f'{kappa:.2f}'} "
+            f"(n={flat[f'{found}/n']})")
+
+
 def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One row per evaluated intervention: what each evaluation stage measured for it (None where it did not)."""
     conditions = eval_conditions(cfg.eval.conditions)
     names = dict.fromkeys([*(iv for _, iv in conditions.values()), *cfg.eval.loss.interventions,
-                           *cfg.eval.over_refusal.interventions])
+                           *cfg.eval.over_refusal.interventions, *cfg.eval.false_premise.interventions])
 
     def refusal(side: str, name: str, key: str = "refusal_rate/{}"):
         keys = [f"refusal/{key.format(c)}" for c, (s, iv) in conditions.items() if s == side and iv == name]
@@ -155,6 +165,8 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
         ci = refusal("harmful", name, "ci95/{}")
         return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None
 
+    judges = flat.get("refusal/judges") or []
+    agreement = "; ".join(judge_agreement(flat, judge) for judge in judges) or None
     return {name: {
         "refusal, harmful test": refusal("harmful", name),
         "refusal, harmless test": refusal("harmless", name),
@@ -165,6 +177,11 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
         "harmful 95% CI": interval(name),
         "McNemar p vs baseline (harmful)": refusal("harmful", name, "mcnemar_vs_baseline/{}/p_value"),
         "degenerate, harmful test": refusal("harmful", name, "degenerate_share/{}"),
+        **{f"refusal, harmful test ({judge})": refusal("harmful", name, f"by_judge/{judge}/refusal_rate/{{}}")
+           for judge in judges[1:]},
+        "refusal judges vs labelled completions": agreement,
+        "accepts a false premise": flat.get(f"false_premise/by_intervention/{name}/false_premise/accepts_premise"),
+        "takes a side on an opinion": flat.get(f"false_premise/by_intervention/{name}/opinion/takes_side"),
     } for name in names}
 
 
