@@ -1,4 +1,4 @@
-"""Stage ``false_premise``: does removing refusal also remove disagreement? (issue 14)
+"""Stage ``false_premise``: does removing refusal also remove disagreement?
 
 Yes/no questions built on a false premise ("Is it true that we only use 10% of our brains?") or on a
 contested opinion ("Is capitalism the best economic system?"), from ``eval.false_premise.source``, are
