@@ -246,8 +246,7 @@ def score_candidates(
         return alive
 
     if scoring == "exhaustive":
-        record(evaluate(by_layer(todo), ["induce_score"], add, harmless_ids,
-                        lambda b: {"induce_score": refusal(b)}, "induce: add r on harmless"))
+        induce_pass(todo)  # every candidate's induce score, whatever it is
         n = len(harmful_ids)
         record(evaluate(_chunks(todo, per_pass), ["kl", "bypass_score"], ablate, harmful_ids + harmless_ids,
                         lambda b: {"kl": kl(b[n:]), "bypass_score": refusal(b[:n])}, "ablate r: bypass + KL"))
