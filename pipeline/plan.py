@@ -31,7 +31,7 @@ import torch
 from pipeline import paths
 from pipeline.config import load_params
 from pipeline.errors import ConfigError
-from pipeline.runtime import BF16_MARGIN, available_cores, cpu_key, measure_rates, model_shapes
+from pipeline.runtime import BF16_MARGIN, available_cores, cpu_info, measure_rates, model_shapes
 from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,11 @@ def show_plan() -> None:
         print(f"plan: about {minutes(sum(known))} in all{rest}")
 
 
-def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def machine() -> str:
     """The CPU in words: what the reference was measured on (AMX or not decides bfloat16's speed)."""
-    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "") \
-        if cpuinfo.exists() else ""
-    amx = "with AMX" if "amx_bf16" in flags.split() else "without AMX"
-    return f"{cpu_key().split(' | ')[0]}, {available_cores()} cores {amx} ({platform.machine()})"
+    model, flags = cpu_info()
+    amx = "with AMX" if "amx_bf16" in flags else "without AMX"
+    return f"{model}, {available_cores()} cores {amx} ({platform.machine()})"
 
 
 def record(path: Path = REFERENCE) -> None:

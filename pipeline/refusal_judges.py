@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.degenerate import Thresholds, measure_conditions
 from pipeline.errors import ConfigError
 from pipeline.judges import ModelJudge, check_spec, free_memory, judge_conditions, registry
 from pipeline.models.loading import LoadedModel, load_model, load_pretrained
@@ -157,6 +158,19 @@ def run_judge(name: str, spec: DictConfig, completions: dict[str, list[dict]], d
     free_memory()
     return {c: [{**v, "verdict": combine(v["verdict"], flag)} for v, flag in zip(found, degenerate[c], strict=True)]
             for c, found in judged.items()}
+
+
+def judge_completions(cfg: DictConfig, completions: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """How the project reads completions, by condition: the judge-free degenerate measures of each
+    (``eval.refusal.degenerate``), then every judge in ``eval.refusal.judges``, a degenerate completion never
+    counted as compliance. Returns ``(measures, {judge: records by condition})``."""
+    names = list(cfg.eval.refusal.judges)
+    check_judges(names, cfg.eval.refusal_judges)
+    thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
+    measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
+    flags = {c: [m["degenerate"] for m in found] for c, found in measures.items()}
+    return measures, {name: run_judge(name, cfg.eval.refusal_judges[name], completions, flags, cfg.runtime.device)
+                      for name in names}
 
 
 def verdict_records(completions: dict[str, list[dict]], measures: dict[str, list[dict]],

@@ -116,8 +116,8 @@ def measure_rates(shapes: list[tuple[int, int, int]]) -> dict[str, float]:
     return rates
 
 
-def cpu_key(cpuinfo: Path = CPUINFO) -> str:
-    """What a CPU measurement depends on: chip, its flags, torch, the oneDNN ISA cap and thread count."""
+def cpu_info(cpuinfo: Path = CPUINFO) -> tuple[str, list[str]]:
+    """The CPU's model name and its feature flags (``/proc/cpuinfo``; the platform's name elsewhere)."""
     fields: dict[str, str] = {}
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
@@ -125,7 +125,13 @@ def cpu_key(cpuinfo: Path = CPUINFO) -> str:
             if sep:
                 fields.setdefault(name.strip(), value.strip())
     model = fields.get("model name") or platform.processor() or platform.machine()
-    flags = " ".join(sorted((fields.get("flags") or fields.get("Features") or "").split()))
+    return model, sorted((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def cpu_key(cpuinfo: Path = CPUINFO) -> str:
+    """What a CPU measurement depends on: chip, its flags, torch, the oneDNN ISA cap and thread count."""
+    model, flags = cpu_info(cpuinfo)
+    flags = " ".join(flags)
     return (f"{model} | flags {hashlib.sha256(flags.encode()).hexdigest()[:12]} | torch {torch.__version__} | "
             f"{ISA_ENV}={os.environ.get(ISA_ENV) or 'unset'} | threads {torch.get_num_threads()}")
 

@@ -19,10 +19,9 @@ from omegaconf import DictConfig
 
 from pipeline import paths
 from pipeline.cli import run_stage
-from pipeline.degenerate import Thresholds, measure_conditions
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
-from pipeline.refusal_judges import VERDICTS, check_judges, run_judge
+from pipeline.refusal_judges import VERDICTS, judge_completions
 from pipeline.stats import agreement
 
 log = logging.getLogger(__name__)
@@ -49,18 +48,13 @@ def binary(verdict: str | None) -> str | None:
 
 
 def run(cfg: DictConfig) -> None:
-    names = list(cfg.eval.refusal.judges)
-    check_judges(names, cfg.eval.refusal_judges)
     items = labelled_items()
     completions = {"labelled": [{"instruction": i["instruction"], "response": i["response"]} for i in items]}
-    thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
-    measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
-    degenerate = {"labelled": [m["degenerate"] for m in measures["labelled"]]}
+    _, judged = judge_completions(cfg, completions)
     labels = [i["label"] for i in items]
     metrics, rows = {}, [dict(i) for i in items]
-    for name in names:
-        verdicts = [v["verdict"] for v in run_judge(name, cfg.eval.refusal_judges[name], completions, degenerate,
-                                                    cfg.runtime.device)["labelled"]]
+    for name, by_condition in judged.items():
+        verdicts = [v["verdict"] for v in by_condition["labelled"]]
         metrics[name] = {**agreement(labels, verdicts, VERDICTS),
                          "refusal_vs_rest": agreement([binary(x) for x in labels], [binary(v) for v in verdicts],
                                                       ("refusal", "other"))}

@@ -21,23 +21,19 @@ from omegaconf import DictConfig
 from pipeline import paths
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
-from pipeline.degenerate import Thresholds, measure_conditions, shares
+from pipeline.degenerate import Thresholds, shares
 from pipeline.io import read_json, write_json
-from pipeline.refusal_judges import check_judges, run_judge, summarize, verdict_records
+from pipeline.refusal_judges import judge_completions, summarize, verdict_records
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
     names = list(cfg.eval.refusal.judges)
-    check_judges(names, cfg.eval.refusal_judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
     conditions = eval_conditions(cfg.eval.conditions)
     completions = {c: read_json(paths.completions(c)) for c in conditions}
-    measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
-    flags = {c: [m["degenerate"] for m in found] for c, found in measures.items()}
-    judged = {name: run_judge(name, cfg.eval.refusal_judges[name], completions, flags, cfg.runtime.device)
-              for name in names}
+    measures, judged = judge_completions(cfg, completions)
     summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)
                  for name, by_condition in judged.items()}
     for name, summary in summaries.items():
