@@ -4,13 +4,18 @@
     python -m pipeline.compare --dvc-exps               # every DVC experiment (`dvc exp show`)
     python -m pipeline.compare runs/cpu --dvc-exps --out runs/comparison
 
+    python -m pipeline.compare --dvc-exps --wandb       # ... and log table + figure as one W&B run
+
 A run is read from what every pipeline run leaves behind: ``params.yaml`` and ``metrics/*.json``
 (for DVC experiments, the same files as ``dvc exp show --json`` reports them). The table has one
-row per run: refusal rate on harmful prompts without and with directional ablation, on harmless
-prompts without and with activation addition, the KL of the chosen direction on harmless prompts,
-the CE-loss change under ablation, and the chosen layer (also as a fraction of depth) and
-post-instruction position. It is written as ``comparison.csv`` and ``comparison.md``; the figure
-(``refusal_rates.png``) shows, per model, the refusal rates the paper's Figure 1 and 3 show.
+row per run (model, data, direction method): refusal rate on harmful prompts without and with
+directional ablation, on harmless prompts without and with activation addition, over-refusal on
+borderline-safe prompts without and with ablation, the first-token KL of ablation on harmless
+validation (where the method scored it) and test prompts, the CE-loss change under ablation, the
+chosen layer (also as a fraction of depth) and post-instruction position, and the selection's wall
+time. It is written as ``comparison.csv`` and ``comparison.md``; the figure (``refusal_rates.png``)
+shows, per run, the refusal rates the paper's Figure 1 and 3 show. So ``direction=dim,cone,cosmic``
+as a sweep or a DVC queue compares the methods on the same prompts in one table.
 """
 
 from __future__ import annotations
@@ -38,20 +43,27 @@ from pipeline.io import atomic_path, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-METRIC_FILES = ("select", "refusal", "loss")
-# column -> (metrics file, key path inside it)
+METRIC_FILES = ("select", "refusal", "loss")  # a run without these three is not finished
+OPTIONAL_METRIC_FILES = ("over_refusal",)     # shown where the run has them
+# column -> (metrics file, key path inside it, header in comparison.md)
 COLUMNS = {
-    "refusal_harmful_baseline": ("refusal", "refusal_rate.harmful_baseline"),
-    "refusal_harmful_ablation": ("refusal", "refusal_rate.harmful_ablation"),
-    "refusal_harmless_baseline": ("refusal", "refusal_rate.harmless_baseline"),
-    "refusal_harmless_addition": ("refusal", "refusal_rate.harmless_addition"),
-    "kl_harmless_ablation": ("select", "kl"),
-    "ce_delta_ablation_general": ("loss", "ce_loss.general_text.delta_ablation"),
-    "ce_delta_ablation_completions": ("loss", "ce_loss.harmless_completions.delta_ablation"),
-    "layer": ("select", "layer"),
-    "layer_fraction": ("select", "layer_fraction"),
-    "position": ("select", "position"),
+    "refusal_harmful_baseline": ("refusal", "refusal_rate.harmful_baseline", "refusal: harmful"),
+    "refusal_harmful_ablation": ("refusal", "refusal_rate.harmful_ablation", "harmful + ablation"),
+    "refusal_harmless_baseline": ("refusal", "refusal_rate.harmless_baseline", "harmless"),
+    "refusal_harmless_addition": ("refusal", "refusal_rate.harmless_addition", "harmless + addition"),
+    "over_refusal_baseline": ("over_refusal", "refusal_rate.baseline", "over-refusal"),
+    "over_refusal_ablation": ("over_refusal", "refusal_rate.ablation", "over-refusal + ablation"),
+    "kl_harmless_ablation": ("select", "kl", "KL (ablation, harmless val)"),
+    "kl_harmless_test_ablation": ("loss", "kl_harmless_test.ablation", "KL (ablation, harmless test)"),
+    "ce_delta_ablation_general": ("loss", "ce_loss.general_text.delta_ablation", "ΔCE ablation (text)"),
+    "ce_delta_ablation_completions": ("loss", "ce_loss.harmless_completions.delta_ablation",
+                                      "ΔCE ablation (completions)"),
+    "layer": ("select", "layer", "layer"),
+    "layer_fraction": ("select", "layer_fraction", "layer / depth"),
+    "position": ("select", "position", "position"),
+    "selection_seconds": ("select", "selection_seconds", "selection (s)"),
 }
+IDENTITY = {"model": "model", "data": "data", "method": "direction method"}  # column -> header
 BARS = {  # figure: (panel, label, column)
     "harmful_baseline": ("Harmful instructions", "no intervention", "refusal_harmful_baseline"),
     "harmful_ablation": ("Harmful instructions", "directional ablation", "refusal_harmful_ablation"),
@@ -89,7 +101,8 @@ def runs_from_dirs(roots: Iterable[Path]) -> list[Run]:
             if status.get("status") == "failed":
                 runs.append(Run(str(job), params, {}, f"failed in {status['stage']}: {status['error']}"))
             elif all((job / paths.metrics(m)).exists() for m in METRIC_FILES):
-                metrics = {m: json.loads((job / paths.metrics(m)).read_text()) for m in METRIC_FILES}
+                metrics = {m: json.loads((job / paths.metrics(m)).read_text())
+                           for m in METRIC_FILES + OPTIONAL_METRIC_FILES if (job / paths.metrics(m)).exists()}
                 runs.append(Run(str(job), params, metrics))
             else:
                 log.warning("skipping %s: not finished", job)
@@ -106,16 +119,15 @@ def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
 
     def add(entry: dict, state: str | None = None) -> None:
         data = entry.get("data") or {}
-        metrics = {
-            m: (data.get("metrics") or {}).get(str(paths.metrics(m)), {}).get("data") for m in METRIC_FILES
-        }
+        metrics = {m: (data.get("metrics") or {}).get(str(paths.metrics(m)), {}).get("data")
+                   for m in METRIC_FILES + OPTIONAL_METRIC_FILES}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         source = f"dvc:{entry.get('name') or data.get('rev') or entry.get('rev')}"
         if params and state == "failed":
             # no numbers: a failed experiment's metric files are its baseline's, not its own
             runs.append(Run(source, params, {}, "failed (dvc queue logs)"))
-        elif params and state not in ("queued", "running") and all(metrics.values()):
-            runs.append(Run(source, params, metrics))
+        elif params and state not in ("queued", "running") and all(metrics[m] for m in METRIC_FILES):
+            runs.append(Run(source, params, {m: values for m, values in metrics.items() if values}))
 
     for record in records:
         add(record)
@@ -140,15 +152,23 @@ def runs_from_dvc(repo: Path) -> list[Run]:
     return runs_from_dvc_exp_show(json.loads(result.stdout))
 
 
+def method(params: dict) -> str:
+    """The direction method of a run's params (``dim`` for runs older than the registry), with a cone's k."""
+    direction = params.get("direction") or {}
+    name = direction.get("name", "dim")
+    return f"{name} (k={direction['k']})" if "k" in direction else name
+
+
 def table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
-        row = {"model": run.params["model"]["name"], "data": run.params["data"]["name"], "run": run.source}
+        row = {"model": run.params["model"]["name"], "data": run.params["data"]["name"], "method": method(run.params),
+               "run": run.source}
         row.update(
-            {column: _get(run.metrics.get(stage, {}), key) for column, (stage, key) in COLUMNS.items()}
+            {column: _get(run.metrics.get(stage, {}), key) for column, (stage, key, _) in COLUMNS.items()}
         )
         rows.append({**row, "status": run.status})
-    return pd.DataFrame(rows, columns=["model", "data", *COLUMNS, "run", "status"])
+    return pd.DataFrame(rows, columns=[*IDENTITY, *COLUMNS, "run", "status"])
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -157,22 +177,7 @@ def markdown(frame: pd.DataFrame) -> str:
             return "–"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    header = [
-        "model",
-        "data",
-        "refusal: harmful",
-        "harmful + ablation",
-        "harmless",
-        "harmless + addition",
-        "KL (ablation, harmless)",
-        "ΔCE ablation (text)",
-        "ΔCE ablation (completions)",
-        "layer",
-        "layer / depth",
-        "position",
-        "run",
-        "status",
-    ]
+    header = [*IDENTITY.values(), *(label for _, _, label in COLUMNS.values()), "run", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(cell(row[c]) for c in frame.columns) + " |")
@@ -180,12 +185,12 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def labels(frame: pd.DataFrame) -> list[str]:
-    """Model names, with the data set added where one model appears more than once."""
+    """Model names, with the data set and direction method added where one model appears more than once."""
     dup = frame.model.duplicated(keep=False)
-    return [
-        f"{m}\n({d}, {i})" if is_dup else m
-        for i, (m, d, is_dup) in enumerate(zip(frame.model, frame.data, dup, strict=True))
-    ]
+    names = [f"{m}\n({d}, {k})" if is_dup else m
+             for m, d, k, is_dup in zip(frame.model, frame.data, frame.method, dup, strict=True)]
+    same = pd.Series(names).duplicated(keep=False)
+    return [f"{name} #{i}" if is_same else name for i, (name, is_same) in enumerate(zip(names, same, strict=True))]
 
 
 def bar_chart(frame: pd.DataFrame, out: Path) -> None:
@@ -220,6 +225,19 @@ def bar_chart(frame: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
+def log_comparison(frame: pd.DataFrame, out: Path) -> Path | None:
+    """The comparison as one W&B run (job type ``comparison``, named after the output folder), with the
+    project's tracking settings from ``conf/``; W&B stays offline unless configured otherwise."""
+    from pipeline.config import compose_config
+    from pipeline.tracking import RunRecord, log_run
+
+    cfg = compose_config([f"tracking.wandb.name=comparison-{out.name}", "tracking.wandb.group=comparison"])
+    figure = out / "refusal_rates.png"
+    record = RunRecord(config={"runs": list(frame.run)}, summary={"runs": len(frame)}, tables={"comparison": frame},
+                       images={"refusal_rates": figure} if figure.exists() else {})
+    return log_run(cfg, record, job_type="comparison")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -228,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         "--dvc-exps", action="store_true", help="include every DVC experiment of this repository"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/comparison"), help="output folder")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table and figure as one W&B run (the project's tracking.wandb settings)")
     args = parser.parse_args(argv)
     runs = runs_from_dirs(args.dirs) + (runs_from_dvc(Path.cwd()) if args.dvc_exps else [])
     if not runs:
@@ -239,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     write_text(args.out / "comparison.md", markdown(frame))
     if not finished.empty:
         bar_chart(finished, args.out / "refusal_rates.png")
+    if args.wandb:
+        log_comparison(frame, args.out)
     print(markdown(frame))
     print(f"wrote {args.out}/comparison.csv, comparison.md, refusal_rates.png ({len(frame)} runs)")
 

@@ -23,7 +23,6 @@ candidate it scored (the ``select`` stage writes them and draws the table's heat
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -33,12 +32,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
+from pipeline.data_sources import load_texts
 from pipeline.edit import Edit, Kernel
 from pipeline.errors import ConfigError, SelectionError
 from pipeline.hooks import residual_recorder, unit
+from pipeline.inference import text_sequences
 from pipeline.interventions import apply
 from pipeline.io import load_tensors, read_json
 from pipeline.models.loading import LoadedModel
+from pipeline.refusal import kl_divergence, refusal_scores
 from pipeline.selection import Halving, Rules, choose, score_candidates, score_table
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.common import instructions, read_split
@@ -50,6 +52,7 @@ class MethodResult:
     metrics: dict
     table: pd.DataFrame | None = None  # one row per candidate: position, position_label, layer, scores, status
     chosen: dict = field(default_factory=dict)  # the chosen row's position and layer, to mark in plots
+    curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # written as plots/select/<name>.{csv,png}
 
 
 Method = Callable[[DictConfig, LoadedModel, Checkpoint], MethodResult]
@@ -167,8 +170,36 @@ def cone(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
     basis = cone_basis(edit.direction, offsets, k)
     cosines = [round(float(unit(row) @ unit(edit.direction)), 4) for row in basis]
     edit = replace(edit, directions=basis, provenance={**edit.provenance, "method": "cone", "k": k})
+    curve_cfg = cfg.direction.curve
+    docs = text_sequences(lm.tokenizer, load_texts(curve_cfg.text, curve_cfg.documents), curve_cfg.max_length)
+    curve = cone_curve(lm, edit, *val_instructions(), docs, cfg.runtime.batch_size)
     return MethodResult(edit, {**result.metrics, "method": "cone", "k": k, "basis_cosine_with_dim": cosines},
-                        result.table, result.chosen)
+                        result.table, result.chosen, {"cone_k": curve})
+
+
+def cone_curve(lm: LoadedModel, edit: Edit, harmful: list[str], harmless: list[str],
+               docs: list[tuple[list[int], int]], batch_size: int) -> pd.DataFrame:
+    """What each added dimension of the cone removes and costs. Row ``j`` (0 = the unedited model) ablates
+    the first ``j`` basis vectors: the mean refusal score of the harmful validation prompts (the paper's
+    logit metric, no generation), the first-token KL from the unedited model on the harmless ones, and
+    the cross-entropy on ``docs`` (``text_sequences``) with its change from the unedited model."""
+    runner, prefix = lm.runner(batch_size, progress=False), lm.chat.prefix_ids
+    harmful_ids, harmless_ids = lm.encode(harmful), lm.encode(harmless)
+
+    def measure() -> tuple[float, torch.Tensor, float]:
+        refusal = float(refusal_scores(runner.last_logits(harmful_ids, prefix), lm.refusal_ids).mean())
+        nll = runner.response_nll(docs)
+        return refusal, runner.last_logits(harmless_ids, prefix), sum(n for n, _ in nll) / sum(c for _, c in nll)
+
+    refusal, reference, base_ce = measure()
+    rows = [{"k": 0, "refusal_score": refusal, "kl": 0.0, "ce": base_ce}]
+    for j in range(1, len(edit.directions) + 1):
+        with apply(lm, "ablation", replace(edit, directions=edit.directions[:j])):
+            refusal, logits, ce = measure()
+        rows.append({"k": j, "refusal_score": refusal, "kl": float(kl_divergence(reference, logits).mean()), "ce": ce})
+    curve = pd.DataFrame(rows)
+    curve["ce_delta"] = curve.ce - base_ce
+    return curve.round(5)
 
 
 def low_similarity_layers(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, share: float) -> list[int]:
@@ -190,7 +221,6 @@ def agreement(means: torch.Tensor, target: torch.Tensor, layers: list[int]) -> f
 @register("cosmic")
 def cosmic(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
     """COSMIC's selection (see module docstring); each candidate's score is checkpointed as it is known."""
-    start = time.perf_counter()
     candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"]
     labels = read_json(paths.stage_dir("directions") / "candidates.json")["labels"]
     means = load_tensors(paths.stage_dir("activations") / "means.safetensors")
@@ -227,6 +257,5 @@ def cosmic(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
     layer = edit.layer
     metrics = {"method": "cosmic", "position": int(chosen.position), "layer": layer,
                "layer_fraction": round(layer / lm.n_layers, 4), "cosmic_score": round(float(chosen.cosmic_score), 5),
-               "low_similarity_layers": layers, "n_candidates": len(table), "n_eligible": len(eligible),
-               "selection_seconds": round(time.perf_counter() - start, 1)}
+               "low_similarity_layers": layers, "n_candidates": len(table), "n_eligible": len(eligible)}
     return MethodResult(edit, metrics, table, {"position": int(chosen.position), "layer": layer})

@@ -74,6 +74,19 @@ def loss_curve(losses: pd.DataFrame, title: str, path: Path) -> None:
     _save(fig, path)
 
 
+def panel_curves(curve: pd.DataFrame, x: str, panels: dict[str, str], title: str, path: Path) -> None:
+    """One small line chart per column in ``panels`` (column -> y label), all against column ``x``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels.items(), strict=True):
+        ax.plot(curve[x], curve[column], marker="o", color="tab:purple")
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.set_xticks(curve[x])
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def histograms(values: dict[str, list[float]], style: Callable[[str], tuple[str, str]], title: str, xlabel: str,
                path: Path) -> None:
     """Overlaid histograms of one scalar per prompt, one per prompt set (``style`` gives the colour)."""

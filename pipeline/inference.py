@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.checkpoint import Checkpoint
 
@@ -55,6 +55,14 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, overhead: int
         batches.append(order[i : cut[i]])
         i = cut[i]
     return batches
+
+
+def text_sequences(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str],
+                   max_length: int) -> list[tuple[list[int], int]]:
+    """Tokenized documents (with the tokenizer's own BOS, if any), scored from the second token on:
+    the input ``Runner.response_nll`` takes for plain-text cross-entropy."""
+    ids = tokenizer(list(docs), add_special_tokens=True, truncation=True, max_length=max_length).input_ids
+    return [(seq, 1) for seq in ids if len(seq) > 1]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,8 +121,9 @@ def show_plan() -> None:
               f"machine ({reference['machine']}) at {reference['rate_gflops']:.0f} GFLOP/s in {reference['dtype']}")
     rows = estimates(stages, reference, rate)
     print(f"plan: dvc repro will run {len(stages)} stages for {cfg.model.name}:")
+    width = max(len(row.stage) for row in rows) if rows else 0
     for row in rows:
-        print(f"  {row.stage:<14} {minutes(row.seconds) if row.seconds is not None else '?':>10}  ({row.source})")
+        print(f"  {row.stage:<{width}} {minutes(row.seconds) if row.seconds is not None else '?':>10}  ({row.source})")
     known = [row.seconds for row in rows if row.seconds is not None]
     if known:
         unknown = len(rows) - len(known)

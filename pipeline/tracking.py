@@ -59,10 +59,11 @@ def resolve_mode(configured: str) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """``tracking.wandb.name``, else model__data__select__eval (plus the DVC experiment's name, if any)."""
+    """``tracking.wandb.name``, else model__data__direction__select__eval (plus the DVC experiment's name, if
+    any), so runs of different direction methods on one model are told apart."""
     if cfg.tracking.wandb.get("name"):
         return cfg.tracking.wandb.name
-    name = f"{cfg.model.name}__{cfg.data.name}__{cfg.select.name}__{cfg.eval.name}"
+    name = f"{cfg.model.name}__{cfg.data.name}__{cfg.direction.name}__{cfg.select.name}__{cfg.eval.name}"
     experiment = os.environ.get("DVC_EXP_NAME")
     return f"{name}__{experiment}" if experiment else name
 

@@ -260,15 +260,16 @@ def nested(settings: dict) -> OmegaConf:
     return cfg
 
 
-def make_tiny_project(tmp: Path, **overrides) -> Path:
+def make_tiny_project(tmp: Path, groups: tuple[str, ...] = (), **overrides) -> Path:
     """A project copy whose params.yaml runs a tiny model on tiny data.
 
-    ``overrides`` are dotted config keys, e.g. ``{"eval.max_new_tokens": 16}``.
+    ``groups`` are config-group choices, e.g. ``("direction=cone",)``; ``overrides`` are dotted config
+    keys, e.g. ``{"eval.max_new_tokens": 16}``.
     """
     from pipeline.config import compose_config, render_params
 
     project, model_dir = copy_project(tmp)
-    cfg = compose_config()
+    cfg = compose_config(list(groups))
     OmegaConf.update(cfg, "model", OmegaConf.to_container(model_config("qwen2", model_dir)), merge=False)
     OmegaConf.update(cfg, "data", tiny_data(), merge=False)
     cfg = OmegaConf.merge(cfg, nested({**TINY_SETTINGS, **overrides}))

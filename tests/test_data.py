@@ -125,3 +125,22 @@ def test_paper_config_matches_the_shared_mirror():
         for split in ("train", "val", "test"):
             records = load_source(cfg.data[side].splits[split], cfg.data)
             assert records and all(r["instruction"] for r in records)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="the paper's sets are not mirrored on this machine")
+def test_strongreject_data_gives_every_split_the_same_harm_categories():
+    """`data=strongreject` exists for per-category directions: each of its 6 categories has enough train
+    prompts for its own difference in means (categories.min_prompts) and test prompts to ablate it on."""
+    from collections import Counter
+
+    from pipeline.config import compose_config
+    from pipeline.stages.data import build_side
+
+    cfg = compose_config(["data=strongreject", f"data.paper.mirror={SHARED}"])
+    splits, _ = build_side(cfg.data.harmful, cfg.data, "harmful")
+    counts = {split: Counter(r["category"] for r in records) for split, records in splits.items()}
+    assert len(counts["train"]) == 6 and set(counts["train"]) == set(counts["val"]) == set(counts["test"])
+    assert min(counts["train"].values()) >= cfg.categories.min_prompts
+    assert min(counts["test"].values()) >= 10
+    train = {r["instruction"] for r in splits["train"]}
+    assert not train & {r["instruction"] for r in splits["test"]}

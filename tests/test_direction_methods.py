@@ -51,8 +51,9 @@ def test_per_prompt_activations_average_to_the_stored_means(tiny_lm):
 
 
 def test_direction_cone_writes_a_k_dimensional_edit_around_the_dim_direction(tmp_path):
-    project = make_tiny_project(tmp_path)
-    run_stages(project, "data", "filter", "activations", "directions", "select")
+    project = make_tiny_project(tmp_path, ("direction=cone",), **{"direction.curve.documents": 2,
+                                                                   "direction.curve.max_length": 32})
+    run_stages(project, "data", "filter", "activations", "directions", "select", **{"direction.name": "dim"})
     with contextlib.chdir(project):
         paper = read_edit("select")
         run_stages(project, "select", **{"direction.name": "cone", "direction.k": 3})
@@ -63,6 +64,12 @@ def test_direction_cone_writes_a_k_dimensional_edit_around_the_dim_direction(tmp
     assert metrics["method"] == "cone" and metrics["k"] == 3 and cone.provenance["method"] == "cone"
     cosines = metrics["basis_cosine_with_dim"]
     assert cosines[0] == 1.0 and all(abs(c) < 1e-3 for c in cosines[1:])
+    assert metrics["selection_seconds"] > 0
+    # the cone's curve: row k ablates the first k basis vectors; k = 0 is the unedited model
+    curve = pd.read_csv(project / "plots" / "select" / "cone_k.csv")
+    assert list(curve.k) == [0, 1, 2, 3] and list(curve.columns) == ["k", "refusal_score", "kl", "ce", "ce_delta"]
+    assert curve.kl[0] == 0 and curve.ce_delta[0] == 0 and (curve.kl[1:] > 0).all()
+    assert (project / "plots" / "select" / "cone_k.png").exists()
 
 
 def test_cosmic_reads_the_layers_where_harmful_and_harmless_means_differ_most():

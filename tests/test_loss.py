@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from conftest import PROMPTS
 from pipeline.edit import Edit
-from pipeline.stages.loss import sample_cross_entropies, text_sequences
+from pipeline.inference import text_sequences
+from pipeline.stages.loss import sample_cross_entropies
 from pipeline.stats import ratio_interval
 
 
@@ -32,7 +33,7 @@ def _loss_cfg(**overrides):
 def scoring(tiny_lm):
     lm = tiny_lm("qwen2")
     edit = Edit.of(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)), 1, lm.n_layers)
-    return lm, edit, text_sequences(lm, PROMPTS * 2, 32)
+    return lm, edit, text_sequences(lm.tokenizer, PROMPTS * 2, 32)
 
 
 def test_the_ce_sample_stops_once_every_change_is_known_closely_enough(scoring):

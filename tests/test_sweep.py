@@ -10,8 +10,10 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import TINY_SETTINGS, copy_project, model_config, nested, run_ok, subprocess_env, tiny_data
-from pipeline.compare import Run, bar_chart, markdown, runs_from_dirs, runs_from_dvc_exp_show, table
+from pipeline.compare import Run, bar_chart, labels, markdown, runs_from_dirs, runs_from_dvc_exp_show, table
+from pipeline.compare import main as compare_main
 from pipeline.sweep import MAX_OVERRIDES_CHARS, job_dir
+from wandb_records import records
 
 
 def test_job_folders_are_distinct_and_short():
@@ -43,10 +45,12 @@ def _metrics(harmful, ablated, harmless, added, layer=6, n_layers=24):
     }
 
 
-def _job(root: Path, model: str, metrics: dict | None, status: dict | None = None) -> Path:
-    job = root / f"{model}__offline"
+def _job(root: Path, model: str, metrics: dict | None, status: dict | None = None, direction: dict | None = None,
+         ) -> Path:
+    job = root / (f"{model}__offline" + (f"__{direction['name']}" if direction else ""))
     (job / "metrics").mkdir(parents=True)
-    (job / "params.yaml").write_text(yaml.safe_dump({"model": {"name": model}, "data": {"name": "offline"}}))
+    params = {"model": {"name": model}, "data": {"name": "offline"}, **({"direction": direction} if direction else {})}
+    (job / "params.yaml").write_text(yaml.safe_dump(params))
     for stage, values in (metrics or {}).items():
         (job / "metrics" / f"{stage}.json").write_text(json.dumps(values))
     if status:
@@ -73,9 +77,39 @@ def test_comparison_table_and_figure_from_sweep_folders(tmp_path):
     assert frame.iloc[2].status == "failed in filter: no harmful train prompt"
     assert pd.isna(frame.iloc[2].refusal_harmful_baseline)
     text = markdown(frame)
-    assert text.count("\n") == 2 + 3 and "| model-a | offline | 0.9 | 0.1 |" in text
+    assert text.count("\n") == 2 + 3 and "| model-a | offline | dim | 0.9 | 0.1 |" in text
     bar_chart(frame.iloc[:2], tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_direction_methods_are_compared_on_one_model_in_one_table_and_in_wandb(tmp_path, monkeypatch):
+    """`direction=dim,cone,cosmic` as a sweep: one row per method with its refusal, over-refusal, KL, CE and
+    selection time; the figure tells the runs apart; `--wandb` logs table and figure as one run."""
+    sweep = tmp_path / "runs" / "methods"
+    for name, extra, seconds in (("dim", {}, 600.0), ("cone", {"k": 3}, 650.0), ("cosmic", {}, 200.0)):
+        metrics = _metrics(0.9, 0.05 if name == "cone" else 0.1, 0.0, 0.8)
+        metrics["select"]["selection_seconds"] = seconds
+        metrics["loss"]["kl_harmless_test"] = {"ablation": 0.03}
+        if name != "cosmic":
+            metrics["over_refusal"] = {"refusal_rate": {"baseline": 0.2, "ablation": 0.05}}
+        _job(sweep, "model-a", metrics, direction={"name": name, **extra})
+    frame = table(runs_from_dirs([sweep]))
+    assert list(frame.method) == ["cone (k=3)", "cosmic", "dim"]
+    assert list(frame.selection_seconds) == [650.0, 200.0, 600.0]
+    assert frame.refusal_harmful_ablation[0] == 0.05 and frame.kl_harmless_test_ablation.tolist() == [0.03] * 3
+    assert frame.over_refusal_ablation[0] == 0.05 and pd.isna(frame.over_refusal_ablation[1])  # cosmic had none
+    assert len(set(labels(frame))) == 3
+    assert "| direction method |" in markdown(frame) and "| model-a | offline | cosmic | 0.9 |" in markdown(frame)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the project's conf/ gives the tracking settings
+    compare_main([str(sweep), "--out", str(tmp_path / "comparison"), "--wandb"])
+    assert (tmp_path / "comparison" / "comparison.md").exists()
+    (run_file,) = (tmp_path / "wandb").rglob("run-*.wandb")
+    logged = {"/".join(item.nested_key or [item.key]) for r in records(run_file) if r.HasField("history")
+              for item in r.history.item}
+    assert {"tables/comparison/nrows", "figures/refusal_rates/path"} <= logged
 
 
 def test_comparison_reads_dvc_experiments():

@@ -36,7 +36,7 @@ def test_run_dir_is_absolute_config_then_environment_then_cwd(monkeypatch, tmp_p
 def test_names_come_from_config_and_the_dvc_experiment(monkeypatch):
     cfg = compose_config(["model=smollm2-135m-instruct"])
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-hare")
-    assert tracking.run_name(cfg) == "smollm2-135m-instruct__offline__paper__default__lucid-hare"
+    assert tracking.run_name(cfg) == "smollm2-135m-instruct__offline__dim__paper__default__lucid-hare"
     assert tracking.run_group(cfg) == "offline__paper__default"
     OmegaConf.update(cfg, "tracking.wandb", {"name": "mine", "group": "sweep-1"})
     assert (tracking.run_name(cfg), tracking.run_group(cfg)) == ("mine", "sweep-1")

@@ -26,6 +26,7 @@ from pipeline.cli import run_stage
 from pipeline.data_sources import load_texts
 from pipeline.edit import load_edit
 from pipeline.errors import ConfigError
+from pipeline.inference import text_sequences
 from pipeline.interventions import apply, check_names
 from pipeline.io import read_json, write_json
 from pipeline.models.loading import LoadedModel, load_model
@@ -34,12 +35,6 @@ from pipeline.stages.common import instructions, read_split
 from pipeline.stats import ratio_interval
 
 log = logging.getLogger(__name__)
-
-
-def text_sequences(lm: LoadedModel, docs: list[str], max_length: int) -> list[tuple[list[int], int]]:
-    """Tokenized documents (with the tokenizer's own BOS, if any), scored from the second token on."""
-    ids = lm.tokenizer(docs, add_special_tokens=True, truncation=True, max_length=max_length).input_ids
-    return [(seq, 1) for seq in ids if len(seq) > 1]
 
 
 def completion_sequences(lm: LoadedModel, items: list[dict], max_length: int) -> list[tuple[list[int], int]]:
@@ -92,7 +87,7 @@ def run(cfg: DictConfig) -> None:
     edit = load_edit(lm, cfg.eval.edit)
     docs = load_texts(loss_cfg.text, loss_cfg.max_documents)
     corpora = {
-        "general_text": (text_sequences(lm, docs, loss_cfg.max_length), ()),
+        "general_text": (text_sequences(lm.tokenizer, docs, loss_cfg.max_length), ()),
         "harmless_completions": (
             completion_sequences(lm, read_json(paths.completions("harmless_baseline")), loss_cfg.max_length),
             lm.chat.prefix_ids,

@@ -10,6 +10,7 @@ see ``pipeline.edit``), the method's metrics, and, when it scored candidates, th
 from __future__ import annotations
 
 import logging
+import time
 
 import matplotlib
 
@@ -24,6 +25,7 @@ from pipeline.cli import run_stage  # noqa: E402
 from pipeline.directions import get_method  # noqa: E402
 from pipeline.edit import save_edit  # noqa: E402
 from pipeline.errors import SelectionError  # noqa: E402
+from pipeline.figures import panel_curves  # noqa: E402
 from pipeline.io import atomic_path, write_json  # noqa: E402
 from pipeline.models.loading import load_model  # noqa: E402
 
@@ -64,11 +66,29 @@ def write_table(table: pd.DataFrame, chosen: dict | None) -> None:
     plot_heatmaps(table, chosen, paths.PLOTS / "select")
 
 
+CURVE_PANELS = {  # a method's curve columns worth a panel, with their labels
+    "refusal_score": "refusal score, harmful val (lower: less refusal)",
+    "kl": "first-token KL, harmless val",
+    "ce_delta": "CE change on general text (nats)",
+}
+
+
+def write_curve(name: str, curve: pd.DataFrame) -> None:
+    """A method's curve (e.g. ``cone_k``): the CSV is a DVC plot, the PNG goes to the report and W&B."""
+    with atomic_path(paths.PLOTS / "select" / f"{name}.csv") as tmp:
+        curve.to_csv(tmp, index=False)
+    x = curve.columns[0]
+    panel_curves(curve, x, {c: label for c, label in CURVE_PANELS.items() if c in curve.columns},
+                 f"{name}: ablating more of the subspace ({x} = its dimension; 0 = unedited)",
+                 paths.PLOTS / "select" / f"{name}.png")
+
+
 def run(cfg: DictConfig) -> None:
     method = get_method(cfg.direction.name)
     lm = load_model(cfg.model, cfg.runtime.device)
     inputs = [paths.split_file("filter", side, "val") for side in ("harmful", "harmless")]
     checkpoint = Checkpoint.open("select", cfg, [*inputs, paths.stage_dir("directions") / "candidates.safetensors"])
+    start = time.perf_counter()
     try:
         result = method(cfg, lm, checkpoint)
     except SelectionError as error:
@@ -77,8 +97,12 @@ def run(cfg: DictConfig) -> None:
         raise
     if result.table is not None:
         write_table(result.table, result.chosen)
+    for name, curve in result.curves.items():
+        write_curve(name, curve)
     save_edit(paths.stage_dir("select"), result.edit)
-    write_json(paths.metrics("select"), result.metrics)
+    # the method's own wall time (no model loading), compared across methods by `pipeline.compare`;
+    # a run resumed from the checkpoint counts only the resumed part
+    write_json(paths.metrics("select"), {**result.metrics, "selection_seconds": round(time.perf_counter() - start, 1)})
     checkpoint.clear()
     log.info("%s: layer %d, position %s: %s", cfg.direction.name, result.edit.layer, result.edit.position,
              result.metrics)
