@@ -119,16 +119,22 @@ def _hub(source: DictConfig, data: DictConfig) -> list[Record]:
 
 @loader("paper")
 def _paper(source: DictConfig, data: DictConfig) -> list[Record]:
-    """One of the paper's instruction files, from a local mirror or GitHub at the pinned commit."""
-    paper = data.paper
-    if paper.get("mirror"):
-        path = Path(paper.mirror).expanduser() / source.file
+    """One of the paper's instruction files, from a local mirror or GitHub at the pinned commit. The commit
+    and mirror are the source's own ``revision`` / ``mirror`` (evaluation sets) or else ``data.paper``'s."""
+    paper = data.get("paper") or {}
+    mirror, revision = source.get("mirror") or paper.get("mirror"), source.get("revision") or paper.get("revision")
+    if mirror:
+        path = Path(mirror).expanduser() / source.file
         if not path.exists():
-            raise DataError(f"{path} not found in data.paper.mirror", "point it at a folder with splits/ and "
+            raise DataError(f"{path} not found in the paper's mirror",
+                            "point data.paper.mirror (or the source's mirror) at a folder with splits/ and "
                             "processed/ (e.g. ../shared/datasets/refusal_direction)")
         verify_sha256(path, source.sha256, str(path))
+    elif revision:
+        path = url_file(PAPER_URL.format(revision=revision, file=source.file), source.sha256)
     else:
-        path = url_file(PAPER_URL.format(revision=paper.revision, file=source.file), source.sha256)
+        raise ConfigError(f"paper file {source.file} has neither a pinned revision nor a mirror",
+                          "set the source's revision (a commit of andyrdt/refusal_direction) or mirror")
     return read_records(path, "json")
 
 

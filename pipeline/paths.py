@@ -30,6 +30,11 @@ def split_file(stage: str, side: str, split: str) -> Path:
     return stage_dir(stage) / f"{side}_{split}.json"
 
 
+def eval_set(name: str) -> Path:
+    """The prompts of one extra evaluation set (``eval.sets``), e.g. ``artifacts/sets/past_tense.json``."""
+    return ARTIFACTS / "sets" / f"{name}.json"
+
+
 def completions(condition: str) -> Path:
     """Completions of one (prompt set, intervention), e.g. ``harmful_ablation``."""
     return stage_dir("completions") / f"{condition}.json"

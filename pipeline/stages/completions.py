@@ -1,6 +1,7 @@
 """Stage ``completions``: greedy completions of the test prompts under each configured condition.
 
-A condition (``eval.conditions``) is a test prompt set (``harmful`` / ``harmless``) and a registered
+A condition (``eval.conditions``) is a test prompt set (``harmful`` / ``harmless``, or an extra
+evaluation set of ``eval.sets``, each of which adds its own conditions) and a registered
 intervention (``pipeline.interventions``) applied with the edit record of the ``select`` stage: by
 default the harmful test prompts under baseline, the paper's ablation, its projected and norm-preserving
 variants and activation subtraction, the harmless ones under baseline and activation addition. The
@@ -17,26 +18,26 @@ from omegaconf import DictConfig
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
-from pipeline.conditions import PROMPT_SETS, eval_conditions
+from pipeline.conditions import eval_conditions, prompt_files, read_prompts
 from pipeline.edit import edit_files, load_edit
 from pipeline.generation import complete, stop_phrases
 from pipeline.interventions import apply, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
-from pipeline.stages.common import instructions, read_split
+from pipeline.stages.common import instructions
 
 log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> None:
-    todo = eval_conditions(cfg.eval.conditions)
+    todo = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     check_names([name for _, name in todo.values()], "eval.conditions")
     stop_at = stop_phrases(cfg.eval.stop_policy, cfg.eval.refusal_substrings)
     lm = load_model(cfg.model, cfg.runtime.device)
     edit = load_edit(lm, cfg.eval.edit)
-    inputs = [paths.split_file("data", side, "test") for side in PROMPT_SETS]
+    inputs = prompt_files(side for side, _ in todo.values())
     checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edit_files(cfg.eval.edit)])
     for condition, (side, name) in todo.items():
-        records = read_split("data", side, "test")
+        records = read_prompts(side)
         with apply(lm, name, edit):
             responses = complete(lm, instructions(records), cfg.eval.max_new_tokens, cfg.eval.batch_size, condition,
                                  checkpoint.scope(condition), stop_at)

@@ -1,4 +1,5 @@
-"""Stage ``data``: harmful and harmless instructions, split into train / val / test.
+"""Stage ``data``: harmful and harmless instructions, split into train / val / test, and the prompts of
+any extra evaluation sets (``eval.sets``, in ``artifacts/sets/``).
 
 A side (harmful or harmless) is either one ``pool`` that is shuffled (seeded) and cut into disjoint
 splits of the configured sizes, or separate ``splits`` sources sampled independently (the paper's
@@ -81,8 +82,24 @@ def build_side(side: DictConfig, data: DictConfig, name: str) -> tuple[dict[str,
     return splits, dropped
 
 
+def build_set(name: str, spec: DictConfig, data: DictConfig, seen: set[str]) -> tuple[list[Record], int]:
+    """An extra evaluation set (``eval.sets.<name>``): its source cleaned, prompts already in a train or val
+    split dropped (the direction was found and chosen on those), then ``n`` sampled with the data seed
+    (``n: null`` keeps all). Returns the records and how many were dropped as seen."""
+    if spec.get("side") not in SIDES or not spec.get("interventions"):
+        raise ConfigError(f"eval.sets.{name} needs side (harmful or harmless) and a list of interventions",
+                          "see conf/eval/set/*.yaml for the shape")
+    records, _ = clean(load_source(spec.source, data), f"eval set {name}")
+    kept = [r for r in records if r["instruction"].lower() not in seen]
+    if spec.get("n") is not None and spec.n > len(kept):
+        raise DataError(f"eval.sets.{name}.n={spec.n}, but the set has {len(kept)} prompts not used for "
+                        "training or validation", f"lower eval.sets.{name}.n, or set it to null for all")
+    return sample(kept, spec.get("n"), data.seed, f"eval set {name}"), len(records) - len(kept)
+
+
 def run(cfg: DictConfig) -> None:
-    summary: dict[str, int] = {}
+    summary: dict[str, int | dict] = {}
+    seen: set[str] = set()
     for name in SIDES:
         splits, dropped = build_side(cfg.data[name], cfg.data, name)
         train_val = {r["instruction"].lower() for s in ("train", "val") for r in splits[s]}
@@ -97,6 +114,14 @@ def run(cfg: DictConfig) -> None:
             summary[f"{name}_{split}"] = len(records)
         summary[f"{name}_duplicates_dropped"] = dropped
         summary[f"{name}_test_overlap_dropped"] = leaked
+        seen |= train_val
+    sets = {}
+    for name, spec in cfg.eval.sets.items():
+        records, overlap = build_set(name, spec, cfg.data, seen)
+        write_json(paths.eval_set(name), records)
+        sets[name] = {"side": spec.side, "n": len(records), "train_val_overlap_dropped": overlap}
+    write_json(paths.eval_set("index"), sets)  # always written: the folder is a DVC output even with no sets
+    summary["sets"] = sets
     write_json(paths.metrics("data"), summary)
     log.info("splits: %s", summary)
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
-from pipeline.conditions import PROMPT_SETS, eval_conditions
+from pipeline.conditions import eval_conditions, prompt_files, read_prompts
 from pipeline.delayed_refusal import changed_shares, shortest_stable_budget, verdicts_by_budget
 from pipeline.edit import edit_files, load_edit
 from pipeline.errors import ConfigError
@@ -27,7 +27,7 @@ from pipeline.interventions import apply
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
 from pipeline.refusal import is_refusal
-from pipeline.stages.common import instructions, read_split
+from pipeline.stages.common import instructions
 from pipeline.stats import wilson_interval
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def budgets(cfg: DictConfig) -> list[int]:
 
 def run(cfg: DictConfig) -> None:
     settings = cfg.eval.delayed_refusal
-    conditions = eval_conditions(cfg.eval.conditions)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     missing = [c for c in settings.conditions if c not in conditions]
     if missing:
         raise ConfigError(f"eval.delayed_refusal.conditions {missing} are not in eval.conditions",
@@ -56,13 +56,13 @@ def run(cfg: DictConfig) -> None:
     substrings = list(cfg.eval.refusal_substrings)
     lm = load_model(cfg.model, cfg.runtime.device)
     edit = load_edit(lm, cfg.eval.edit)
-    inputs = [paths.split_file("data", side, "test") for side in PROMPT_SETS]
+    inputs = prompt_files(conditions[c][0] for c in settings.conditions)
     checkpoint = Checkpoint.open("delayed_refusal", cfg, [*inputs, *edit_files(cfg.eval.edit)])
     verdicts: dict[str, dict[int, list[bool]]] = {}
     rows = []
     for condition in settings.conditions:
         side, name = conditions[condition]
-        records = read_split("data", side, "test")[: settings.n_prompts]
+        records = read_prompts(side)[: settings.n_prompts]
         with apply(lm, name, edit):
             tokens = completion_tokens(lm, lm.encode(instructions(records)), settings.max_new_tokens,
                                        cfg.eval.batch_size, f"{condition} to {settings.max_new_tokens} tokens",

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> None:
     names = list(cfg.eval.refusal.judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
-    conditions = eval_conditions(cfg.eval.conditions)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     completions = {c: read_json(paths.completions(c)) for c in conditions}
     measures, judged = judge_completions(cfg, completions)
     summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)

@@ -153,7 +153,7 @@ def judge_agreement(flat: dict[str, Any], judge: str) -> str:
 
 def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One row per evaluated intervention: what each evaluation stage measured for it (None where it did not)."""
-    conditions = eval_conditions(cfg.eval.conditions)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     names = dict.fromkeys([*(iv for _, iv in conditions.values()), *cfg.eval.loss.interventions,
                            *cfg.eval.over_refusal.interventions, *cfg.eval.false_premise.interventions])
 
@@ -170,6 +170,7 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
     return {name: {
         "refusal, harmful test": refusal("harmful", name),
         "refusal, harmless test": refusal("harmless", name),
+        **{f"refusal, {prompt_set} (eval set)": refusal(prompt_set, name) for prompt_set in cfg.eval.sets},
         "first-token KL, harmless test": 0.0 if name == "baseline" else flat.get(f"loss/kl_harmless_test/{name}"),
         "ΔCE general text": flat.get(f"loss/ce_loss/general_text/delta_{name}"),
         "ΔCE own completions": flat.get(f"loss/ce_loss/harmless_completions/delta_{name}"),
@@ -279,8 +280,9 @@ def run(cfg: DictConfig) -> None:
     run_info = {"model": cfg.model.name, "data": cfg.data.name, "direction": cfg.direction.name,
                 "select": cfg.select.name,
                 "eval": cfg.eval.name, "git": commit, "W&B": str(wandb_dir) if wandb_dir else "not logged"}
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     content = ReportContent(title, run_info, headline, flat, seconds, found,
-                            examples(verdicts, cfg.report.n_examples, eval_conditions(cfg.eval.conditions)), comparison)
+                            examples(verdicts, cfg.report.n_examples, conditions), comparison)
     out = paths.REPORTS
     write_json(out / "summary.json", provenance.redact(
         {"run": run_info, "headline": headline, "metrics": flat, "wall_seconds": seconds}))

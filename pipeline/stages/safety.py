@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> None:
     elif cfg.eval.stop_policy != "none":
         log.warning("eval.stop_policy=%s: the judges read completions that end at their first refusal phrase; "
                     "set eval.stop_policy=none for whole completions", cfg.eval.stop_policy)
-    completions = {c: read_json(paths.completions(c)) for c in eval_conditions(cfg.eval.conditions)}
+    completions = {c: read_json(paths.completions(c)) for c in eval_conditions(cfg.eval.conditions, cfg.eval.sets)}
     for name in names:
         judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
         judged = judge_conditions(judge, completions, desc=name)
