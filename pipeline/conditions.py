@@ -19,6 +19,12 @@ from pipeline.io import read_json
 from pipeline.stages.common import read_split
 
 PROMPT_SETS = ("harmful", "harmless")  # the data stage's test splits; ``eval.sets`` adds named sets
+RESERVED_SET_NAMES = (*PROMPT_SETS, "index")  # artifacts/sets/index.json lists the sets
+
+
+def check_set_name(name: str) -> None:
+    if name in RESERVED_SET_NAMES:
+        raise ConfigError(f"eval.sets.{name}: the names {', '.join(RESERVED_SET_NAMES)} are taken", "rename the set")
 
 
 def eval_conditions(conditions: DictConfig, sets: DictConfig) -> dict[str, tuple[str, str]]:
@@ -29,10 +35,8 @@ def eval_conditions(conditions: DictConfig, sets: DictConfig) -> dict[str, tuple
     if bad:
         raise ConfigError(f"eval.conditions {bad}: prompts must be one of {(*PROMPT_SETS, *sets)}",
                           "fix conf/eval, or add the set to eval.sets")
-    clash = [name for name in sets if name in (*PROMPT_SETS, "index")]
-    if clash:
-        raise ConfigError(f"eval.sets {clash}: the names harmful, harmless and index are taken", "rename the set")
     for name, spec in sets.items():
+        check_set_name(name)
         for intervention in spec.interventions:
             condition = f"{name}_{intervention}"
             if condition in out:

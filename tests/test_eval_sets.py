@@ -33,7 +33,7 @@ def test_each_set_adds_one_condition_per_intervention_on_its_own_prompts():
 
 @pytest.mark.parametrize("sets, conditions, match", [
     ({}, {"x": {"prompts": "extra", "intervention": "baseline"}}, "prompts must be one of"),
-    ({"harmful": _set()}, {}, "names harmful, harmless and index are taken"),
+    ({"harmful": _set()}, {}, "the names harmful, harmless, index are taken"),
     ({"extra": _set()}, {"extra_ablation": {"prompts": "harmful", "intervention": "ablation"}}, "rename"),
 ])
 def test_set_and_condition_names_that_collide_are_refused(sets, conditions, match):
@@ -55,6 +55,8 @@ def test_a_set_never_holds_a_prompt_the_direction_was_found_or_chosen_on(tmp_pat
         build_set("extra", OmegaConf.create(_set(n=4)), data, seen)
     with pytest.raises(ConfigError, match="needs side"):
         build_set("extra", OmegaConf.create(_set(side="both")), data, seen)
+    with pytest.raises(ConfigError, match="are taken"):  # index.json lists the sets
+        build_set("index", OmegaConf.create(_set()), data, seen)
 
 
 def test_shipped_sets_compose_into_conditions():

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline import paths
 from pipeline.cli import run_stage
+from pipeline.conditions import check_set_name
 from pipeline.data_sources import Record, load_source
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json
@@ -86,6 +87,7 @@ def build_set(name: str, spec: DictConfig, data: DictConfig, seen: set[str]) -> 
     """An extra evaluation set (``eval.sets.<name>``): its source cleaned, prompts already in a train or val
     split dropped (the direction was found and chosen on those), then ``n`` sampled with the data seed
     (``n: null`` keeps all). Returns the records and how many were dropped as seen."""
+    check_set_name(name)
     if spec.get("side") not in SIDES or not spec.get("interventions"):
         raise ConfigError(f"eval.sets.{name} needs side (harmful or harmless) and a list of interventions",
                           "see conf/eval/set/*.yaml for the shape")
