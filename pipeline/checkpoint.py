@@ -2,10 +2,11 @@
 
 DVC deletes a stage's declared outputs before re-running it, so partial results live elsewhere:
 ``artifacts/checkpoints/<stage>/<fingerprint>/``. The fingerprint hashes everything the results
-depend on (the whole ``params.yaml`` content and the stage's input files), so a checkpoint is only
-reused by a rerun of the very same computation; others are deleted when the stage starts, and the
-stage deletes its own once its outputs are written. Values are small JSON documents written
-atomically, so a kill at any moment leaves only whole entries behind.
+depend on (the parameters ``dvc.yaml`` lists for the stage and the stage's input files), so a checkpoint
+is reused by a rerun of the same computation, even after a change to parameters the stage does not read
+(a killed ``select`` keeps its scores when only ``export`` settings changed); others are deleted when the
+stage starts, and the stage deletes its own once its outputs are written. Values are small JSON documents
+written atomically, so a kill at any moment leaves only whole entries behind.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import paths
+from pipeline.config import stage_params
 from pipeline.io import read_json, sha256_file, write_text
 
 
@@ -31,7 +33,7 @@ class Checkpoint:
     @classmethod
     def open(cls, stage: str, cfg: DictConfig, inputs: Iterable[Path]) -> Checkpoint:
         """The checkpoint of ``stage`` for this config and these input files (stale ones removed)."""
-        digest = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps(stage_params(stage, cfg), sort_keys=True, default=str).encode())
         for path in sorted(map(Path, inputs)):
             digest.update(f"{path}:{sha256_file(path)}".encode())
         stage_dir = paths.ARTIFACTS / "checkpoints" / stage

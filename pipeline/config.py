@@ -11,10 +11,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import Container, DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
 from pipeline.io import write_text
@@ -22,6 +24,19 @@ from pipeline.io import write_text
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PARAMS_FILE = Path("params.yaml")
 HEADER = "# Generated from conf/ by `python -m pipeline.config` (or `dvc exp run`). Do not edit by hand.\n"
+
+
+def stage_params(stage: str, cfg: DictConfig, dvc_yaml: Path = CONF_DIR.parent / "dvc.yaml") -> dict[str, Any]:
+    """The parameters ``dvc.yaml`` says ``stage`` reads, resolved: all its result may depend on besides code
+    and input files (the whole config for a stage ``dvc.yaml`` does not list)."""
+    spec = yaml.safe_load(dvc_yaml.read_text())["stages"].get(stage) if dvc_yaml.exists() else None
+    if spec is None:
+        return OmegaConf.to_container(cfg, resolve=True)
+    params = {}
+    for key in spec.get("params", []):
+        node = OmegaConf.select(cfg, key)
+        params[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
+    return params
 
 
 def available(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

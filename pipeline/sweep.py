@@ -36,10 +36,10 @@ import torch
 import yaml
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import Container, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cli import timed
-from pipeline.config import CONF_DIR, PARAMS_FILE, load_params, render_params
+from pipeline.config import CONF_DIR, PARAMS_FILE, load_params, render_params, stage_params
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.runtime import WORKERS_ENV
@@ -103,10 +103,7 @@ def _content_hash(path: Path) -> str:
 def fingerprint(stage: str, cfg: DictConfig, upstream: dict[str, str]) -> str:
     """What the stage's result depends on per ``dvc.yaml``: params keys, code and data, upstream results."""
     spec = dvc_stages()[stage]
-    params = {}
-    for key in spec.get("params", []):
-        node = OmegaConf.select(cfg, key)
-        params[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
+    params = stage_params(stage, cfg, ROOT / "dvc.yaml")
     code, inputs = {}, {}
     for dep in spec.get("deps", []):
         dep = re.sub(r"\$\{([^}]+)\}", lambda m: str(OmegaConf.select(cfg, m.group(1))), dep)  # dvc.yaml templating

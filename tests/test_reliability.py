@@ -174,11 +174,18 @@ def test_nothing_unpickles():
     assert not offenders
 
 
+def _without_wall_times(metrics: dict) -> dict:
+    return {k: _without_wall_times(v) if isinstance(v, dict) else v for k, v in metrics.items()
+            if not k.endswith("_seconds")}
+
+
 def _tree(project: Path) -> dict[str, bytes]:
+    """Every output file's bytes, wall times aside (timing files, `*_seconds` keys of metrics)."""
     skip = ("timing", "checkpoints")
-    return {str(p.relative_to(project)): p.read_bytes() for p in project.rglob("*")
-            if p.is_file() and p.parts[len(project.parts)] in ("artifacts", "metrics")
-            and not any(s in p.parts for s in skip)}
+    files = [p for p in project.rglob("*") if p.is_file() and p.parts[len(project.parts)] in ("artifacts", "metrics")
+             and not any(s in p.parts for s in skip)]
+    return {str(p.relative_to(project)): json.dumps(_without_wall_times(json.loads(p.read_text()))).encode()
+            if p.parts[len(project.parts)] == "metrics" else p.read_bytes() for p in files}
 
 
 def test_same_config_and_seed_give_bit_identical_outputs(tmp_path):
@@ -246,3 +253,24 @@ def test_activation_means_survive_an_out_of_memory_retry_half_way_through_a_pass
     finally:
         handle.remove()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_outlives_changes_to_parameters_its_stage_does_not_read(tmp_path, monkeypatch):
+    """A killed `select` keeps its scores when only, say, the export settings change before the rerun; a
+    change to a parameter `select` reads (dvc.yaml's params) or to its inputs starts it afresh."""
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.config import compose_config
+
+    monkeypatch.chdir(tmp_path)
+    inputs = [tmp_path / "scores-input.json"]
+    inputs[0].write_text("[1]")
+    cfg = compose_config()
+    Checkpoint.open("select", cfg, inputs).put("bypass/0/1", -3.5)
+    OmegaConf.update(cfg, "export.formats", ["safetensors", "gguf"])
+    assert Checkpoint.open("select", cfg, inputs).get("bypass/0/1") == -3.5
+    OmegaConf.update(cfg, "select.kl_threshold", 0.2)
+    assert Checkpoint.open("select", cfg, inputs).get("bypass/0/1") is None
+    store = Checkpoint.open("select", cfg, inputs)
+    store.put("bypass/0/1", -3.5)
+    inputs[0].write_text("[2]")
+    assert Checkpoint.open("select", cfg, inputs).get("bypass/0/1") is None
