@@ -310,7 +310,7 @@ def test_a_new_intervention_is_one_registered_function_and_one_condition(tiny_lm
 
     conditions = OmegaConf.create({"harmless_double_addition": {"prompts": "harmless",
                                                                 "intervention": "double_addition"}})
-    (_, name), = eval_conditions(conditions).values()
+    (_, name), = eval_conditions(conditions, OmegaConf.create({})).values()
     interventions.check_names([name], "eval.conditions")
     lm = tiny_lm("qwen2")
     edit = _edit(lm)
