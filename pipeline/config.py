@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,21 @@ from pipeline.errors import ConfigError
 from pipeline.io import write_text
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DVC_YAML = CONF_DIR.parent / "dvc.yaml"
 PARAMS_FILE = Path("params.yaml")
 HEADER = "# Generated from conf/ by `python -m pipeline.config` (or `dvc exp run`). Do not edit by hand.\n"
 
 
-def stage_params(stage: str, cfg: DictConfig, dvc_yaml: Path = CONF_DIR.parent / "dvc.yaml") -> dict[str, Any]:
+@cache
+def dvc_stages(dvc_yaml: Path = DVC_YAML) -> dict[str, dict]:
+    """The stages of the project's ``dvc.yaml`` (none where the package runs without it)."""
+    return yaml.safe_load(dvc_yaml.read_text())["stages"] if dvc_yaml.exists() else {}
+
+
+def stage_params(stage: str, cfg: DictConfig) -> dict[str, Any]:
     """The parameters ``dvc.yaml`` says ``stage`` reads, resolved: all its result may depend on besides code
     and input files (the whole config for a stage ``dvc.yaml`` does not list)."""
-    spec = yaml.safe_load(dvc_yaml.read_text())["stages"].get(stage) if dvc_yaml.exists() else None
+    spec = dvc_stages().get(stage)
     if spec is None:
         return OmegaConf.to_container(cfg, resolve=True)
     params = {}

@@ -28,18 +28,16 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 
 import hydra
 import torch
-import yaml
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cli import timed
-from pipeline.config import CONF_DIR, PARAMS_FILE, load_params, render_params, stage_params
+from pipeline.config import CONF_DIR, PARAMS_FILE, dvc_stages, load_params, render_params, stage_params
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.runtime import WORKERS_ENV
@@ -70,11 +68,6 @@ def job_dir(model: str, data: str, overrides: str) -> str:
 OmegaConf.register_new_resolver("job_dir", job_dir, replace=True)
 
 
-@cache
-def dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
 def _outputs(spec: dict) -> list[str]:
     entries = [*spec.get("outs", []), *spec.get("metrics", [])]
     return [e if isinstance(e, str) else next(iter(e)) for e in entries]
@@ -103,7 +96,7 @@ def _content_hash(path: Path) -> str:
 def fingerprint(stage: str, cfg: DictConfig, upstream: dict[str, str]) -> str:
     """What the stage's result depends on per ``dvc.yaml``: params keys, code and data, upstream results."""
     spec = dvc_stages()[stage]
-    params = stage_params(stage, cfg, ROOT / "dvc.yaml")
+    params = stage_params(stage, cfg)
     code, inputs = {}, {}
     for dep in spec.get("deps", []):
         dep = re.sub(r"\$\{([^}]+)\}", lambda m: str(OmegaConf.select(cfg, m.group(1))), dep)  # dvc.yaml templating
