@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import PROMPTS
+from pipeline.checkpoint import Checkpoint
 from pipeline.edit import Edit
 from pipeline.inference import text_sequences
 from pipeline.stages.loss import sample_cross_entropies
@@ -36,21 +37,53 @@ def scoring(tiny_lm):
     return lm, edit, text_sequences(lm.tokenizer, PROMPTS * 2, 32)
 
 
-def test_the_ce_sample_stops_once_every_change_is_known_closely_enough(scoring):
+def test_the_ce_sample_stops_once_every_change_is_known_closely_enough(scoring, tmp_path):
     lm, edit, sequences = scoring
     names = ["baseline", "ablation", "addition"]
-    loose = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=1e9), "text")
+    loose = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=1e9), "text",
+                                   Checkpoint(tmp_path / "loose"))
     assert loose["n_sequences"] == 2 and loose["n_available"] == len(sequences) > 2
-    full = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=None), "text")
+    full = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=None), "text",
+                                  Checkpoint(tmp_path / "full"))
     assert full["n_sequences"] == len(sequences)
     for name in ("ablation", "addition"):
         low, high = full[f"ci95_delta_{name}"]
         assert low <= full[f"delta_{name}"] <= high
 
 
-def test_ce_scored_in_rounds_equals_ce_scored_at_once(scoring):
+def test_ce_scored_in_rounds_equals_ce_scored_at_once(scoring, tmp_path):
     lm, edit, sequences = scoring
-    rounds = sample_cross_entropies(lm, edit, ["baseline"], sequences, (), _loss_cfg(ci_halfwidth=None), "text")
+    rounds = sample_cross_entropies(lm, edit, ["baseline"], sequences, (), _loss_cfg(ci_halfwidth=None), "text",
+                                    Checkpoint(tmp_path))
     at_once = lm.runner(64, progress=False).response_nll(sequences, ())
     expected = sum(n for n, _ in at_once) / sum(c for _, c in at_once)
     assert rounds["ce_baseline"] == pytest.approx(expected, abs=1e-5)
+
+
+class Killed(Exception):
+    """Stands in for the process being killed half-way through a stage."""
+
+
+def test_a_killed_ce_scoring_resumes_from_its_finished_chunks(scoring, tmp_path, monkeypatch):
+    lm, edit, sequences = scoring
+    names, cfg = ["baseline", "ablation"], _loss_cfg(ci_halfwidth=None)
+    uninterrupted = sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", Checkpoint(tmp_path / "a"))
+
+    store, real, calls, killed = Checkpoint(tmp_path / "b"), type(lm.runner(1)).response_nll, [], []
+
+    def dies_on_the_third_chunk(self, chunk, prefix=(), desc="loss"):
+        calls.append(len(chunk))
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise Killed
+        return real(self, chunk, prefix, desc)
+
+    monkeypatch.setattr(type(lm.runner(1)), "response_nll", dies_on_the_third_chunk)
+    with pytest.raises(Killed):
+        sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", store)
+    assert store.count() == 2  # the first chunk, under both interventions
+
+    calls.clear()
+    resumed = sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", store)
+    assert len(calls) == 2 * (-(-len(sequences) // cfg.min_documents) - 1)  # every chunk but the first
+    assert resumed == uninterrupted

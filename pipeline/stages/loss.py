@@ -5,9 +5,10 @@ For every intervention in ``eval.loss.interventions`` (with the ``select`` stage
 * cross-entropy (nats per token) on two kinds of text, as in the paper: general text
   (``eval.loss.text``; the paper used the Pile) and the model's own baseline completions of harmless
   prompts (scored on the response tokens after the chat prompt), with its change from the baseline
-  and that change's 95% interval over documents. Documents are scored ``eval.loss.batch_size`` at a
-  time until every change's interval is at most ``eval.loss.ci_halfwidth`` nats either side (after
-  ``min_documents``; at most ``max_documents``): a sample as large as the figure needs, no larger;
+  and that change's 95% interval over documents. Documents are scored ``eval.loss.min_documents`` at a
+  time until every change's interval is at most ``eval.loss.ci_halfwidth`` nats either side (at most
+  ``max_documents``): a sample as large as the figure needs, no larger. Each chunk's scores are
+  checkpointed, so a killed stage resumes where it stopped;
 * the KL divergence of the next-token distribution at the end of each harmless test prompt, from the
   unedited model to the intervened one (the first-token KL that abliteration tools report).
 
@@ -22,9 +23,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.data_sources import load_texts
-from pipeline.edit import load_edit
+from pipeline.edit import edit_files, load_edit
 from pipeline.errors import ConfigError
 from pipeline.inference import text_sequences
 from pipeline.interventions import apply, check_names
@@ -44,7 +46,7 @@ def completion_sequences(lm: LoadedModel, items: list[dict], max_length: int) ->
 
 
 def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, prefix, loss_cfg: DictConfig,
-                           corpus: str) -> dict:
+                           corpus: str, store: Checkpoint) -> dict:
     """CE of each intervention on a growing prefix of ``sequences``, with each change from the baseline and
     its interval over documents; stops once every interval is narrow enough (see the module docstring)."""
     step, target = loss_cfg.min_documents, loss_cfg.ci_halfwidth
@@ -53,12 +55,20 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
     runner = lm.runner(loss_cfg.batch_size, progress=False)
     scored: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
     intervals: dict[str, tuple[float, float] | None] = {}
+    restored = 0
     with tqdm(total=len(sequences), desc=f"CE loss on {corpus}", unit="doc") as bar:
         while len(scored["baseline"]) < len(sequences):
-            chunk = sequences[len(scored["baseline"]) : len(scored["baseline"]) + step]
+            start = len(scored["baseline"])
+            chunk = sequences[start : start + step]
             for name in names:
-                with apply(lm, name, edit):
-                    scored[name] += runner.response_nll(chunk, prefix)
+                key = f"{corpus}/{name}/{start}"
+                rows = store.get(key)
+                restored += rows is not None
+                if rows is None:
+                    with apply(lm, name, edit):
+                        rows = runner.response_nll(chunk, prefix)
+                    store.put(key, rows)
+                scored[name] += [tuple(row) for row in rows]
             bar.update(len(chunk))
             counts = [c for _, c in scored["baseline"]]
             intervals = {name: ratio_interval([a - b for (a, _), (b, _) in zip(scored[name], scored["baseline"])],
@@ -66,6 +76,8 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
             if target is not None and intervals and all(ci is not None and (ci[1] - ci[0]) / 2 <= target
                                           for ci in intervals.values()):
                 break
+    if restored:
+        log.info("%s: %d chunks restored from checkpoint", corpus, restored)
     log.info("%s: CE scored on %d of %d documents", corpus, len(scored["baseline"]), len(sequences))
     ce = {name: sum(n for n, _ in rows) / sum(c for _, c in rows) for name, rows in scored.items()}
     return {
@@ -93,15 +105,18 @@ def run(cfg: DictConfig) -> None:
             lm.chat.prefix_ids,
         ),
     }
+    checkpoint = Checkpoint.open("loss", cfg, [paths.completions("harmless_baseline"), *edit_files(cfg.eval.edit)])
     metrics: dict[str, dict[str, float]] = {}
     for corpus, (sequences, prefix) in corpora.items():
         if not sequences:
             log.warning("%s: nothing to score (all responses empty?); skipping its CE loss", corpus)
             metrics[corpus] = {"n_sequences": 0}
             continue
-        metrics[corpus] = sample_cross_entropies(lm, edit, names, sequences, prefix, loss_cfg, corpus)
+        metrics[corpus] = sample_cross_entropies(lm, edit, names, sequences, prefix, loss_cfg, corpus,
+                                                 checkpoint.scope(corpus))
     kl = first_token_kl(lm, edit, names, instructions(read_split("data", "harmless", "test")), cfg.runtime.batch_size)
     write_json(paths.metrics("loss"), {"ce_loss": metrics, "kl_harmless_test": kl})
+    checkpoint.clear()
     log.info("CE loss: %s; first-token KL on harmless test prompts: %s", metrics, kl)
 
 
