@@ -222,11 +222,13 @@ def loss_section(metrics: dict) -> str:
     for corpus, values in (loss.get("ce_loss") or {}).items():
         for key, value in values.items():
             if key.startswith("delta_"):
-                rows.append([corpus.replace("_", " "), f"`{key[len('delta_'):]}`", num(values.get("ce_baseline", "")),
-                             num(value, signed=True), values.get("n_sequences", "")])
+                name = key[len("delta_"):]
+                rows.append([corpus.replace("_", " "), f"`{name}`", num(values.get("ce_baseline", "")),
+                             num(value, signed=True), values.get(f"n_sequences_{name}", values.get("n_sequences", ""))])
     if rows:
         parts.append("Cross-entropy loss (nats per token) of the unedited model and its change under each "
-                     "intervention: general text, and the model's own completions of harmless test prompts.\n\n"
+                     "intervention (on the same documents): general text, and the model's own completions of harmless "
+                     "test prompts.\n\n"
                      + table(["text", "intervention", "baseline CE", "change", "n sequences"], rows))
     kl = loss.get("kl_harmless_test") or {}
     if kl:

@@ -87,3 +87,21 @@ def test_a_killed_ce_scoring_resumes_from_its_finished_chunks(scoring, tmp_path,
     resumed = sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", store)
     assert len(calls) == 2 * (-(-len(sequences) // cfg.min_documents) - 1)  # every chunk but the first
     assert resumed == uninterrupted
+
+
+def test_each_change_gets_the_documents_its_own_interval_needs(scoring, tmp_path):
+    """An intervention whose change is known closely enough stops being scored; the others go on, and each
+    change is against the baseline on the same documents."""
+    lm, edit, sequences = scoring
+    names = ["baseline", "ablation", "addition"]
+    first = sample_cross_entropies(lm, edit, names, sequences[:2], (), _loss_cfg(ci_halfwidth=None), "text",
+                                   Checkpoint(tmp_path / "first"))
+    halfwidth = {name: (first[f"ci95_delta_{name}"][1] - first[f"ci95_delta_{name}"][0]) / 2
+                 for name in ("ablation", "addition")}
+    narrow, wide = sorted(halfwidth, key=halfwidth.get)
+    assert halfwidth[narrow] < halfwidth[wide]
+    target = float(halfwidth[narrow] + halfwidth[wide]) / 2
+    out = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=target), "text",
+                                 Checkpoint(tmp_path / "sized"))
+    assert out[f"n_sequences_{narrow}"] == 2 < out[f"n_sequences_{wide}"] == out["n_sequences"]
+    assert out[f"delta_{narrow}"] == first[f"delta_{narrow}"]

@@ -6,9 +6,10 @@ For every intervention in ``eval.loss.interventions`` (with the ``select`` stage
   (``eval.loss.text``; the paper used the Pile) and the model's own baseline completions of harmless
   prompts (scored on the response tokens after the chat prompt), with its change from the baseline
   and that change's 95% interval over documents. Documents are scored ``eval.loss.min_documents`` at a
-  time until every change's interval is at most ``eval.loss.ci_halfwidth`` nats either side (at most
-  ``max_documents``): a sample as large as the figure needs, no larger. Each chunk's scores are
-  checkpointed, so a killed stage resumes where it stopped;
+  time; an intervention stops once its change's interval is at most ``eval.loss.ci_halfwidth`` nats
+  either side (the baseline once all have stopped; at most ``max_documents``): each figure gets the
+  sample it needs, no larger, and its change is against the baseline on the same documents. Each
+  chunk's scores are checkpointed, so a killed stage resumes where it stopped;
 * the KL divergence of the next-token distribution at the end of each harmless test prompt, from the
   unedited model to the intervened one (the first-token KL that abliteration tools report).
 
@@ -45,22 +46,29 @@ def completion_sequences(lm: LoadedModel, items: list[dict], max_length: int) ->
     return [(seq[: n + max_length], n) for seq, n in pairs if len(seq) > n]
 
 
+def within(interval: tuple[float, float] | None, halfwidth: float) -> bool:
+    """Whether an interval exists (two documents or more) and is at most ``halfwidth`` either side."""
+    return interval is not None and (interval[1] - interval[0]) / 2 <= halfwidth
+
+
 def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, prefix, loss_cfg: DictConfig,
                            corpus: str, store: Checkpoint) -> dict:
-    """CE of each intervention on a growing prefix of ``sequences``, with each change from the baseline and
-    its interval over documents; stops once every interval is narrow enough (see the module docstring)."""
+    """CE of each intervention on a growing prefix of ``sequences``, with its change from the baseline on the
+    same documents and that change's interval over documents. An intervention stops being scored once its
+    own interval is narrow enough, the baseline once every intervention has stopped (module docstring)."""
     step, target = loss_cfg.min_documents, loss_cfg.ci_halfwidth
     if not (isinstance(step, int) and step >= 2):
         raise ConfigError(f"eval.loss.min_documents is {step!r}", "set it to an integer of at least 2")
     runner = lm.runner(loss_cfg.batch_size, progress=False)
     scored: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
     intervals: dict[str, tuple[float, float] | None] = {}
+    pending = [name for name in names if name != "baseline"]  # changes whose interval is still too wide
     restored = 0
     with tqdm(total=len(sequences), desc=f"CE loss on {corpus}", unit="doc") as bar:
-        while len(scored["baseline"]) < len(sequences):
+        while len(scored["baseline"]) < len(sequences) and (pending or not intervals):
             start = len(scored["baseline"])
             chunk = sequences[start : start + step]
-            for name in names:
+            for name in ["baseline", *pending]:
                 key = f"{corpus}/{name}/{start}"
                 rows = store.get(key)
                 restored += rows is not None
@@ -71,20 +79,25 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
                 scored[name] += [tuple(row) for row in rows]
             bar.update(len(chunk))
             counts = [c for _, c in scored["baseline"]]
-            intervals = {name: ratio_interval([a - b for (a, _), (b, _) in zip(scored[name], scored["baseline"])],
-                                              counts) for name in names if name != "baseline"}
-            if target is not None and intervals and all(ci is not None and (ci[1] - ci[0]) / 2 <= target
-                                          for ci in intervals.values()):
-                break
+            for name in pending:
+                intervals[name] = ratio_interval([a - b for (a, _), (b, _) in zip(scored[name], scored["baseline"])],
+                                                 counts[: len(scored[name])])
+            if target is not None:
+                pending = [n for n in pending if not within(intervals[n], target)]
     if restored:
         log.info("%s: %d chunks restored from checkpoint", corpus, restored)
-    log.info("%s: CE scored on %d of %d documents", corpus, len(scored["baseline"]), len(sequences))
-    ce = {name: sum(n for n, _ in rows) / sum(c for _, c in rows) for name, rows in scored.items()}
+    n_scored = {name: len(rows) for name, rows in scored.items()}
+    log.info("%s: CE scored on %s of %d documents", corpus, n_scored, len(sequences))
+
+    def ce(rows: list[tuple[float, int]]) -> float:
+        return sum(n for n, _ in rows) / sum(c for _, c in rows)
+
     return {
-        **{f"ce_{k}": round(v, 5) for k, v in ce.items()},
-        **{f"delta_{k}": round(ce[k] - ce["baseline"], 5) for k in names if k != "baseline"},
+        **{f"ce_{k}": round(ce(rows), 5) for k, rows in scored.items()},
+        **{f"delta_{k}": round(ce(scored[k]) - ce(scored["baseline"][: n_scored[k]]), 5) for k in intervals},
         **{f"ci95_delta_{k}": ci for k, ci in intervals.items()},
-        "n_sequences": len(scored["baseline"]),
+        **{f"n_sequences_{k}": n_scored[k] for k in intervals},
+        "n_sequences": n_scored["baseline"],
         "n_available": len(sequences),
     }
 
