@@ -105,3 +105,5 @@ def test_each_change_gets_the_documents_its_own_interval_needs(scoring, tmp_path
                                  Checkpoint(tmp_path / "sized"))
     assert out[f"n_sequences_{narrow}"] == 2 < out[f"n_sequences_{wide}"] == out["n_sequences"]
     assert out[f"delta_{narrow}"] == first[f"delta_{narrow}"]
+    for name in (narrow, wide):  # a CE and the baseline's differ by the change, whatever the sample sizes
+        assert out[f"ce_{name}"] - out["ce_baseline"] == pytest.approx(out[f"delta_{name}"], abs=2e-5)

@@ -92,9 +92,14 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
     def ce(rows: list[tuple[float, int]]) -> float:
         return sum(n for n, _ in rows) / sum(c for _, c in rows)
 
+    # the change on an intervention's own documents, and its CE as the baseline's on all of them plus that
+    # change (so ce_<k> - ce_baseline = delta_<k>, whatever the sample sizes)
+    delta = {k: ce(scored[k]) - ce(scored["baseline"][: n_scored[k]]) for k in intervals}
+    baseline = ce(scored["baseline"])
     return {
-        **{f"ce_{k}": round(ce(rows), 5) for k, rows in scored.items()},
-        **{f"delta_{k}": round(ce(scored[k]) - ce(scored["baseline"][: n_scored[k]]), 5) for k in intervals},
+        "ce_baseline": round(baseline, 5),
+        **{f"ce_{k}": round(baseline + d, 5) for k, d in delta.items()},
+        **{f"delta_{k}": round(d, 5) for k, d in delta.items()},
         **{f"ci95_delta_{k}": ci for k, ci in intervals.items()},
         **{f"n_sequences_{k}": n_scored[k] for k in intervals},
         "n_sequences": n_scored["baseline"],
