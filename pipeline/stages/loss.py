@@ -63,13 +63,14 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
     scored: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
     intervals: dict[str, tuple[float, float] | None] = {}
     pending = [name for name in names if name != "baseline"]  # changes whose interval is still too wide
+    baseline_only = not pending  # nothing to stop on: the baseline's CE over every document
     restored = 0
     with tqdm(total=len(sequences), desc=f"CE loss on {corpus}", unit="doc") as bar:
-        while len(scored["baseline"]) < len(sequences) and (pending or not intervals):
+        while len(scored["baseline"]) < len(sequences) and (pending or baseline_only):
             start = len(scored["baseline"])
             chunk = sequences[start : start + step]
             for name in ["baseline", *pending]:
-                key = f"{corpus}/{name}/{start}"
+                key = f"{name}/{start}"
                 rows = store.get(key)
                 restored += rows is not None
                 if rows is None:
