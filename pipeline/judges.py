@@ -45,13 +45,17 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.errors import ConfigError
 from pipeline.inference import Runner
 from pipeline.models.loading import eos_token_ids, load_pretrained
 
 log = logging.getLogger(__name__)
+
+TEMPLATES = Path(str(resources.files("pipeline.data") / "judge_templates"))
 
 def registry(table: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
     """A ``@kind(name)`` class decorator that files judge classes in ``table`` (one table per judge family)."""
@@ -72,7 +76,7 @@ kind = registry(KINDS)  # ``@kind("name")``: the class is ``kind: name`` in ``co
 
 def template_text(name: str) -> str:
     """A published prompt format from ``pipeline/data/judge_templates`` (byte-exact: no added newline)."""
-    path = Path(str(resources.files("pipeline.data") / "judge_templates" / name))
+    path = TEMPLATES / name
     if not path.exists():
         shipped = sorted(p.name for p in path.parent.iterdir())
         raise ConfigError(f"no judge template {name!r}",
@@ -337,16 +341,37 @@ def check_spec(name: str, spec: DictConfig, kinds: dict[str, type] = KINDS, key:
                           "hub page (for a gated model, accept its licence and export HF_TOKEN)")
 
 
-def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, list[dict]],
-                     desc: str) -> dict[str, list[dict]]:
-    """``judge(items, desc=...)`` over every condition's completions in one call (one batch schedule, one
-    prefix cache), its per-item results split back by condition."""
-    flat = judge([item for items in completions.values() for item in items], desc=desc)
+JUDGE_CHUNK = 64  # completions judged between checkpoint saves: a killed stage redoes at most this many
+
+
+def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, list[dict]], desc: str,
+                     store: Checkpoint | None = None) -> dict[str, list[dict]]:
+    """``judge(items, desc=...)`` over every condition's completions, its per-item results split back by
+    condition. The completions are judged in chunks of ``JUDGE_CHUNK`` across conditions (one batch schedule
+    and prefix cache per chunk); with a ``store`` each chunk's results are saved as it finishes and reused
+    on a rerun, since a model judge on CPU can take hours."""
+    flat = [item for items in completions.values() for item in items]
+    results: list[dict] = []
+    with tqdm(total=len(flat), desc=desc, unit="completion", disable=len(flat) <= JUDGE_CHUNK) as bar:
+        for start in range(0, len(flat), JUDGE_CHUNK):
+            chunk = flat[start:start + JUDGE_CHUNK]
+            saved = store.get(str(start)) if store is not None else None
+            if saved is None:
+                saved = judge(chunk, desc=desc)
+                if store is not None:
+                    store.put(str(start), saved)
+            results += saved
+            bar.update(len(chunk))
     out, start = {}, 0
     for condition, items in completions.items():
-        out[condition] = flat[start:start + len(items)]
+        out[condition] = results[start:start + len(items)]
         start += len(items)
     return out
+
+
+def template_files() -> list[Path]:
+    """Every shipped judge template: what a judge checkpoint's results also depend on."""
+    return sorted(TEMPLATES.iterdir())
 
 
 def free_memory() -> None:

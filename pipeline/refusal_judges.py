@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.degenerate import Thresholds, measure_conditions
 from pipeline.errors import ConfigError
 from pipeline.judges import ModelJudge, WildGuard, check_spec, free_memory, judge_conditions, registry
@@ -164,27 +165,30 @@ def combine(verdict: str | None, degenerate: bool) -> str | None:
 
 
 def run_judge(name: str, spec: DictConfig, completions: dict[str, list[dict]], degenerate: dict[str, list[bool]],
-              device: str) -> dict[str, list[dict]]:
-    """One judge's record per completion, by condition: its fields, ``verdict`` after ``combine``. The judge's
-    model is released before returning."""
+              device: str, store: Checkpoint | None = None) -> dict[str, list[dict]]:
+    """One judge's record per completion, by condition: its fields, ``verdict`` after ``combine``. With a
+    ``store``, finished chunks survive a kill. The judge's model is released before returning."""
     judge = load_refusal_judge(name, spec, device)
-    judged = judge_conditions(judge, completions, desc=name)
+    judged = judge_conditions(judge, completions, desc=name, store=store)
     del judge
     free_memory()
     return {c: [{**v, "verdict": combine(v["verdict"], flag)} for v, flag in zip(found, degenerate[c], strict=True)]
             for c, found in judged.items()}
 
 
-def judge_completions(cfg: DictConfig, completions: dict[str, list[dict]]) -> tuple[dict, dict]:
+def judge_completions(cfg: DictConfig, completions: dict[str, list[dict]],
+                      checkpoint: Checkpoint | None = None) -> tuple[dict, dict]:
     """How the project reads completions, by condition: the judge-free degenerate measures of each
     (``eval.refusal.degenerate``), then every judge in ``eval.refusal.judges``, a degenerate completion never
-    counted as compliance. Returns ``(measures, {judge: records by condition})``."""
+    counted as compliance; each judge's finished chunks kept in its own scope of ``checkpoint``. Returns
+    ``(measures, {judge: records by condition})``."""
     names = list(cfg.eval.refusal.judges)
     check_judges(names, cfg.eval.refusal_judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
     measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
     flags = {c: [m["degenerate"] for m in found] for c, found in measures.items()}
-    return measures, {name: run_judge(name, cfg.eval.refusal_judges[name], completions, flags, cfg.runtime.device)
+    return measures, {name: run_judge(name, cfg.eval.refusal_judges[name], completions, flags, cfg.runtime.device,
+                                      checkpoint.scope(name) if checkpoint is not None else None)
                       for name in names}
 
 

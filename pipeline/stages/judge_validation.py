@@ -18,9 +18,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
+from pipeline.judges import template_files
 from pipeline.refusal_judges import VERDICTS, judge_completions
 from pipeline.stats import agreement
 
@@ -50,7 +52,8 @@ def binary(verdict: str | None) -> str | None:
 def run(cfg: DictConfig) -> None:
     items = labelled_items()
     completions = {"labelled": [{"instruction": i["instruction"], "response": i["response"]} for i in items]}
-    _, judged = judge_completions(cfg, completions)
+    checkpoint = Checkpoint.open("judge_validation", cfg, [LABELLED, *template_files()])
+    _, judged = judge_completions(cfg, completions, checkpoint)
     labels = [i["label"] for i in items]
     metrics, rows = {}, [dict(i) for i in items]
     for name, by_condition in judged.items():
@@ -66,6 +69,7 @@ def run(cfg: DictConfig) -> None:
     write_json(paths.metrics("judge_validation"), {"n_labelled": len(items), "labels": {v: labels.count(v)
                                                                                          for v in VERDICTS},
                                                    "judges": metrics})
+    checkpoint.clear()
 
 
 def main() -> None:

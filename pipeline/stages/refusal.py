@@ -19,10 +19,12 @@ from dataclasses import asdict
 from omegaconf import DictConfig
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
 from pipeline.degenerate import Thresholds, shares
 from pipeline.io import read_json, write_json
+from pipeline.judges import template_files
 from pipeline.refusal_judges import judge_completions, summarize, verdict_records
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,10 @@ def run(cfg: DictConfig) -> None:
     names = list(cfg.eval.refusal.judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
-    completions = {c: read_json(paths.completions(c)) for c in conditions}
-    measures, judged = judge_completions(cfg, completions)
+    files = [paths.completions(c) for c in conditions]
+    completions = {c: read_json(f) for c, f in zip(conditions, files)}
+    checkpoint = Checkpoint.open("refusal", cfg, [*files, *template_files()])
+    measures, judged = judge_completions(cfg, completions, checkpoint)
     summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)
                  for name, by_condition in judged.items()}
     for name, summary in summaries.items():
@@ -45,6 +49,7 @@ def run(cfg: DictConfig) -> None:
         "by_judge": summaries,
         "degenerate": {"share": shares(measures), "thresholds": asdict(thresholds)},
     })
+    checkpoint.clear()
 
 
 def main() -> None:

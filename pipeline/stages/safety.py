@@ -15,11 +15,12 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline import paths
+from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
-from pipeline.judges import check_spec, free_memory, judge_conditions, load_judge
+from pipeline.judges import check_spec, free_memory, judge_conditions, load_judge, template_files
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,13 @@ def run(cfg: DictConfig) -> None:
     elif cfg.eval.stop_policy != "none":
         log.warning("eval.stop_policy=%s: the judges read completions that end at their first refusal phrase; "
                     "set eval.stop_policy=none for whole completions", cfg.eval.stop_policy)
-    completions = {c: read_json(paths.completions(c)) for c in eval_conditions(cfg.eval.conditions, cfg.eval.sets)}
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    files = [paths.completions(c) for c in conditions]
+    completions = {c: read_json(f) for c, f in zip(conditions, files)}
+    checkpoint = Checkpoint.open("safety", cfg, [*files, *template_files()])
     for name in names:
         judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
-        judged = judge_conditions(judge, completions, desc=name)
+        judged = judge_conditions(judge, completions, desc=name, store=checkpoint.scope(name))
         verdicts = {c: [{**item, **v} for item, v in zip(items, judged[c], strict=True)]
                     for c, items in completions.items()}
         write_json(out / f"{name}.json", verdicts)
@@ -61,6 +65,7 @@ def run(cfg: DictConfig) -> None:
         del judge
         free_memory()
     write_json(paths.metrics("safety"), metrics)
+    checkpoint.clear()
 
 
 def main() -> None:
