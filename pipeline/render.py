@@ -36,7 +36,7 @@ class ReportContent:
     seconds: dict[str, float]
     figures: dict[str, Path]  # caption -> PNG file
     examples: dict[str, list[Example]] = field(default_factory=dict)  # prompt set -> examples
-    comparison: dict[str, dict[str, Any]] = field(default_factory=dict)  # intervention -> column -> value
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # title -> rows (same keys each)
 
 
 def fmt(value: Any) -> str:
@@ -75,12 +75,12 @@ def markdown(content: ReportContent, figure_dir: str) -> str:
         return out + [f"| {md_cell(k)} | {md_cell(fmt(v))} |" for k, v in rows.items()] + [""]
 
     lines += ["## Headline", ""] + table(content.headline, ("metric", "value"))
-    if content.comparison:
-        columns = list(next(iter(content.comparison.values())))
-        lines += ["## Interventions side by side", "", "| intervention | " + " | ".join(columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {md_cell(name)} | " + " | ".join(md_cell(fmt(row[c])) for c in columns) + " |"
-                  for name, row in content.comparison.items()]
+    for title, rows in content.tables.items():
+        if not rows:
+            continue
+        columns = list(rows[0])
+        lines += [f"## {title}", "", "| " + " | ".join(map(md_cell, columns)) + " |", "|---" * len(columns) + "|"]
+        lines += ["| " + " | ".join(md_cell(fmt(row[c])) for c in columns) + " |" for row in rows]
         lines.append("")
     lines += ["## Figures", ""]
     for caption, path in content.figures.items():

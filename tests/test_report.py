@@ -204,3 +204,31 @@ def test_refusal_rates_come_with_wilson_intervals_and_paired_mcnemar_tests(tmp_p
     assert metrics["ci95"]["harmful_baseline"] == list(wilson_interval(8, 10))
     assert metrics["mcnemar_vs_baseline"]["harmful_ablation"]["p_value"] == round(2 * 0.5 ** 8, 6)
     assert "harmless_baseline" not in metrics["mcnemar_vs_baseline"]
+
+
+def test_every_condition_gets_each_judges_rate_with_its_interval_agreement_and_delayed_share(workspace):
+    def per_condition(value):
+        return {c: value for c in CONDITIONS}
+
+    by_judge = {judge: {"refusal_rate": per_condition(rate), "n": per_condition(40), "ci95": per_condition([0.1, 0.4]),
+                        "degenerate_share": per_condition(0.05), "unparsable": per_condition(unparsable),
+                        "mcnemar_vs_baseline": {"harmful_ablation": {"p_value": 0.001}}}
+                for judge, rate, unparsable in (("substring", 0.2, 0), ("llm", 0.3, 2))}
+    write_json("metrics/refusal.json", {"judges": ["substring", "llm"], **by_judge["substring"], "by_judge": by_judge})
+    write_json("metrics/judge_validation.json", {"judges": {"substring": {"accuracy": 0.89, "kappa": 0.77, "n": 289}}})
+    write_json("metrics/delayed_refusal.json", {"eval_budget": 64, "long_budget": 256,
+                                                "by_condition": {"harmful_baseline": {"64": 0.0, "256": 0.0}}})
+    report.run(_cfg())
+
+    rows = report.refusal_by_judge(_cfg(), report.read_metrics())
+    assert [(r["judge"], r["condition"]) for r in rows] == [(j, c) for j in ("substring", "llm") for c in CONDITIONS]
+    llm = next(r for r in rows if r["judge"] == "llm" and r["condition"] == "harmful_ablation")
+    assert (llm["refusal rate"], llm["95% CI"], llm["n"], llm["unparsable"]) == (0.3, "0.10–0.40", 40, 2)
+    assert llm["McNemar p vs baseline"] == 0.001 and llm["judge vs labelled completions"] == "llm: not validated"
+    substring = rows[0]
+    assert substring["judge vs labelled completions"] == "substring: accuracy 0.89, kappa 0.77 (n=289)"
+    assert substring["verdicts changed, 64 → 256 tokens"] == 0.0  # delayed refusals are measured by substring
+    assert llm["verdicts changed, 64 → 256 tokens"] is None
+    summary = Path("reports/summary.md").read_text()
+    assert "## Refusal by judge and condition" in summary and "## Interventions side by side" in summary
+    assert "<h2>Refusal by judge and condition</h2>" in Path("reports/report.html").read_text()

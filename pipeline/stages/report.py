@@ -43,6 +43,7 @@ FIGURES = paths.REPORTS / "figures"
 PLOT_DIR = paths.PLOTS / "report"
 SCORE_METRICS = ("bypass_score", "induce_score", "kl")
 BASE_FIELDS = ("instruction", "category", "response")
+TITLES = {"interventions": "Interventions side by side", "refusal_by_judge": "Refusal by judge and condition"}
 
 
 def flatten(obj: Any, prefix: str) -> dict[str, Any]:
@@ -151,7 +152,34 @@ def judge_agreement(flat: dict[str, Any], judge: str) -> str:
             f"(n={flat[f'{found}/n']})")
 
 
-def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def refusal_by_judge(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per refusal judge and condition: the rate with its interval and n, the degenerate and
+    unparsable counts, the paired test against the baseline, the judge's agreement with the labelled
+    completions, and (substring rows) the share of verdicts a longer generation changes."""
+    budget = flat.get("delayed_refusal/eval_budget")
+    longer = flat.get("delayed_refusal/long_budget")
+    rows = []
+    for judge in flat.get("refusal/judges") or []:
+        found = f"refusal/by_judge/{judge}"
+        for condition in eval_conditions(cfg.eval.conditions, cfg.eval.sets):
+            ci = flat.get(f"{found}/ci95/{condition}")
+            rows.append({
+                "condition": condition,
+                "judge": judge,
+                "refusal rate": flat.get(f"{found}/refusal_rate/{condition}"),
+                "95% CI": f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None,
+                "n": flat.get(f"{found}/n/{condition}"),
+                "degenerate": flat.get(f"{found}/degenerate_share/{condition}"),
+                "unparsable": flat.get(f"{found}/unparsable/{condition}"),
+                "McNemar p vs baseline": flat.get(f"{found}/mcnemar_vs_baseline/{condition}/p_value"),
+                "judge vs labelled completions": judge_agreement(flat, judge),
+                f"verdicts changed, {budget} → {longer} tokens": (
+                    flat.get(f"delayed_refusal/by_condition/{condition}/{budget}") if judge == "substring" else None),
+            })
+    return rows
+
+
+def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per evaluated intervention: what each evaluation stage measured for it (None where it did not)."""
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     names = dict.fromkeys([*(iv for _, iv in conditions.values()), *cfg.eval.loss.interventions,
@@ -165,9 +193,8 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
         ci = refusal("harmful", name, "ci95/{}")
         return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None
 
-    judges = flat.get("refusal/judges") or []
-    agreement = "; ".join(judge_agreement(flat, judge) for judge in judges) or None
-    return {name: {
+    return [{
+        "intervention": name,
         "refusal, harmful test": refusal("harmful", name),
         "refusal, harmless test": refusal("harmless", name),
         **{f"refusal, {prompt_set} (eval set)": refusal(prompt_set, name) for prompt_set in cfg.eval.sets},
@@ -178,12 +205,9 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, 
         "harmful 95% CI": interval(name),
         "McNemar p vs baseline (harmful)": refusal("harmful", name, "mcnemar_vs_baseline/{}/p_value"),
         "degenerate, harmful test": refusal("harmful", name, "degenerate_share/{}"),
-        **{f"refusal, harmful test ({judge})": refusal("harmful", name, f"by_judge/{judge}/refusal_rate/{{}}")
-           for judge in judges[1:]},
-        "refusal judges vs labelled completions": agreement,
         "accepts a false premise": flat.get(f"false_premise/by_intervention/{name}/false_premise/accepts_premise"),
         "takes a side on an opinion": flat.get(f"false_premise/by_intervention/{name}/opinion/takes_side"),
-    } for name in names}
+    } for name in names]
 
 
 def collect_figures(rates: pd.DataFrame) -> dict[str, Path]:
@@ -200,11 +224,10 @@ def collect_figures(rates: pd.DataFrame) -> dict[str, Path]:
     return found
 
 
-def tables(verdicts: pd.DataFrame, chosen: dict, comparison: dict[str, dict[str, Any]]) -> dict[str, pd.DataFrame]:
-    """The W&B tables: completions with verdicts, the interventions side by side, every candidate's scores,
-    cosine curves, capabilities."""
-    out = {"completions": verdicts,
-           "interventions": pd.DataFrame([{"intervention": k, **v} for k, v in comparison.items()])}
+def tables(verdicts: pd.DataFrame, chosen: dict, sections: dict[str, list[dict[str, Any]]]) -> dict[str, pd.DataFrame]:
+    """The W&B tables: completions with verdicts, the report's tables (interventions side by side, refusal
+    by judge), every candidate's scores, cosine curves, capabilities."""
+    out = {"completions": verdicts, **{key: pd.DataFrame(rows) for key, rows in sections.items()}}
     scores = pd.read_csv(paths.stage_dir("select") / "scores.csv")
     out["selection_scores"] = scores.assign(chosen=(scores.layer == chosen["layer"])
                                             & (scores.position == chosen["position"]))
@@ -258,7 +281,7 @@ def run(cfg: DictConfig) -> None:
     seconds = timings()
     chosen = read_json(edit_files("select")[1])
     rates = refusal_rates(flat)
-    comparison = intervention_comparison(cfg, flat)
+    sections = {"interventions": intervention_comparison(cfg, flat), "refusal_by_judge": refusal_by_judge(cfg, flat)}
     verdicts = verdict_table()
 
     with atomic_path(PLOT_DIR / "selection_scores.csv") as tmp:
@@ -271,7 +294,7 @@ def run(cfg: DictConfig) -> None:
     git = provenance.git_state(provenance.generated_paths(lock))
     config = {**OmegaConf.to_container(cfg, resolve=True), "git": git, "dvc": provenance.dvc_state()}
     summary = {**flat, **{f"seconds/{k}": v for k, v in seconds.items()}}
-    record = RunRecord(config, summary, tables(verdicts, chosen, comparison), found,
+    record = RunRecord(config, summary, tables(verdicts, chosen, sections), found,
                        direction_artifacts(cfg.model.name))
     wandb_dir = log_run(cfg, record)
 
@@ -282,7 +305,8 @@ def run(cfg: DictConfig) -> None:
                 "eval": cfg.eval.name, "git": commit, "W&B": str(wandb_dir) if wandb_dir else "not logged"}
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     content = ReportContent(title, run_info, headline, flat, seconds, found,
-                            examples(verdicts, cfg.report.n_examples, conditions), comparison)
+                            examples(verdicts, cfg.report.n_examples, conditions),
+                            {TITLES[key]: rows for key, rows in sections.items()})
     out = paths.REPORTS
     write_json(out / "summary.json", provenance.redact(
         {"run": run_info, "headline": headline, "metrics": flat, "wall_seconds": seconds}))
