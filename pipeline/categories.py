@@ -15,6 +15,7 @@ from collections import defaultdict
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.edit import Edit
 from pipeline.errors import DataError
@@ -80,7 +81,8 @@ def cross_ablation(lm: LoadedModel, directions: dict[str, torch.Tensor], selecte
     sizes = [len(prompts[name]) for name in names]
     ids = lm.encode([text for name in names for text in prompts[name]])
     runs = {BASELINE: _scores(lm, ids, batch_size)}
-    for ablated, direction in {**directions, SELECTED: selected}.items():
+    ablations = {**directions, SELECTED: selected}
+    for ablated, direction in tqdm(ablations.items(), desc="cross-ablation", unit="direction", total=len(ablations)):
         with apply(lm, "ablation", Edit.of(direction, layer, lm.n_layers)):
             runs[ablated] = _scores(lm, ids, batch_size)
     rows = []
