@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.edit import Edit
 from pipeline.errors import DataError
 from pipeline.interventions import apply
@@ -67,12 +68,14 @@ def _scores(lm: LoadedModel, ids: list[list[int]], batch_size: int) -> torch.Ten
 
 
 def cross_ablation(lm: LoadedModel, directions: dict[str, torch.Tensor], selected: torch.Tensor,
-                   prompts: dict[str, list[str]], layer: int, batch_size: int) -> pd.DataFrame:
+                   prompts: dict[str, list[str]], layer: int, batch_size: int,
+                   store: Checkpoint | None = None) -> pd.DataFrame:
     """Refusal score of each prompt set (``prompts``: category -> instructions) with each category's direction
     ablated at every layer (the paper's ablation; ``layer`` is where the directions were read), and, as
     reference rows, with none (``BASELINE``) and with the ``selected`` direction (``SELECTED``). One row per
     (ablated, prompts): the mean refusal score and the share of prompts whose score is above 0 (the model
-    about to refuse)."""
+    about to refuse). With a ``store``, each run's scores are saved as it finishes and reused on a rerun (on
+    a 1.5B model on CPU each run takes minutes)."""
     clash = {BASELINE, SELECTED} & (set(directions) | set(prompts))
     if clash:
         raise DataError(f"category name(s) {sorted(clash)} collide with the reference rows of the cross-ablation "
@@ -80,11 +83,20 @@ def cross_ablation(lm: LoadedModel, directions: dict[str, torch.Tensor], selecte
     names = list(prompts)
     sizes = [len(prompts[name]) for name in names]
     ids = lm.encode([text for name in names for text in prompts[name]])
-    runs = {BASELINE: _scores(lm, ids, batch_size)}
+
+    def scores(name: str) -> torch.Tensor:
+        saved = store.get(name) if store is not None else None
+        if saved is None:
+            saved = _scores(lm, ids, batch_size).tolist()
+            if store is not None:
+                store.put(name, saved)
+        return torch.tensor(saved)
+
+    runs = {BASELINE: scores(BASELINE)}
     ablations = {**directions, SELECTED: selected}
     for ablated, direction in tqdm(ablations.items(), desc="cross-ablation", unit="direction", total=len(ablations)):
         with apply(lm, "ablation", Edit.of(direction, layer, lm.n_layers)):
-            runs[ablated] = _scores(lm, ids, batch_size)
+            runs[ablated] = scores(ablated)
     rows = []
     for ablated, scores in runs.items():
         for name, mine in zip(names, scores.split(sizes), strict=True):

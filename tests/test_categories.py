@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import PROMPTS, run_stages
+from pipeline import categories
 from pipeline.categories import (
     BASELINE,
     SELECTED,
@@ -21,6 +22,7 @@ from pipeline.categories import (
     off_diagonal,
     own_vs_other,
 )
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import render_params
 from pipeline.edit import Edit
 from pipeline.errors import ConfigError, DataError
@@ -88,6 +90,36 @@ def test_ablating_a_category_direction_is_the_papers_ablation(tiny_lm):
     same = table[table.ablated == "x"].refusal_score.to_numpy()
     assert same == pytest.approx(table[table.ablated == SELECTED].refusal_score.to_numpy(), abs=1e-5)
     assert not same == pytest.approx(table[table.ablated == BASELINE].refusal_score.to_numpy(), abs=1e-3)
+
+
+class Killed(Exception):
+    """Stands in for the process being killed half-way through a stage."""
+
+
+def test_a_killed_cross_ablation_resumes_from_its_finished_runs(tiny_lm, tmp_path, monkeypatch):
+    lm = tiny_lm("qwen2")
+    g = torch.Generator().manual_seed(3)
+    directions = {"x": torch.randn(lm.d_model, generator=g), "y": torch.randn(lm.d_model, generator=g)}
+    prompts, selected = {"x": PROMPTS[:2], "y": PROMPTS[2:5]}, torch.randn(lm.d_model, generator=g)
+    uninterrupted = cross_ablation(lm, directions, selected, prompts, layer=1, batch_size=2)
+
+    real, calls, killed = categories._scores, [], []
+
+    def dies_on_the_third_run(*args):
+        calls.append(True)
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise Killed
+        return real(*args)
+
+    monkeypatch.setattr(categories, "_scores", dies_on_the_third_run)
+    store = Checkpoint(tmp_path)
+    with pytest.raises(Killed):
+        cross_ablation(lm, directions, selected, prompts, layer=1, batch_size=2, store=store)
+    calls.clear()
+    resumed = cross_ablation(lm, directions, selected, prompts, layer=1, batch_size=2, store=store)
+    assert len(calls) == 2  # the baseline and "x" came back from the checkpoint; "y" and the selected ran
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
 
 
 def test_the_diagonal_is_each_category_under_its_own_ablation():

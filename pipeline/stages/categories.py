@@ -36,9 +36,10 @@ from pipeline.categories import (  # noqa: E402
     off_diagonal,
     own_vs_other,
 )
+from pipeline.checkpoint import Checkpoint  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.directions import site_activations  # noqa: E402
-from pipeline.edit import load_edit  # noqa: E402
+from pipeline.edit import edit_files, load_edit  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.io import atomic_path, save_tensors, write_json  # noqa: E402
 from pipeline.models.loading import load_model  # noqa: E402
@@ -127,7 +128,9 @@ def run(cfg: DictConfig) -> None:
     directions = category_directions(dict(zip(used, activations.split(sizes), strict=True)), edit.harmless_mean)
     cosine = cosine_matrix(directions)
     prompts = {name: test[name][:max_test] for name in used}
-    table = cross_ablation(lm, directions, edit.direction, prompts, edit.layer, cfg.runtime.batch_size)
+    checkpoint = Checkpoint.open("categories", cfg, [paths.split_file("data", "harmful", split) for split in
+                                                     ("train", "test")] + edit_files(cfg.eval.edit))
+    table = cross_ablation(lm, directions, edit.direction, prompts, edit.layer, cfg.runtime.batch_size, checkpoint)
 
     save_tensors(OUT / "directions.safetensors", {"directions": torch.stack(list(directions.values())).float()},
                  metadata={"categories": used, "layer": edit.layer, "position": edit.position})
@@ -152,6 +155,7 @@ def run(cfg: DictConfig) -> None:
         "cross_ablation": own_vs_other(table),
     }
     write_json(paths.metrics("categories"), metrics)
+    checkpoint.clear()
     log.info("per-category directions: %s", metrics)
 
 
