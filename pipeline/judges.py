@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(str(resources.files("pipeline.data") / "judge_templates"))
 
+
 def registry(table: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
     """A ``@kind(name)`` class decorator that files judge classes in ``table`` (one table per judge family)."""
 

@@ -155,7 +155,8 @@ def judge_agreement(flat: dict[str, Any], judge: str) -> str:
 def refusal_by_judge(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per refusal judge and condition: the rate with its interval and n, the degenerate and
     unparsable counts, the paired test against the baseline, the judge's agreement with the labelled
-    completions, and (substring rows) the share of verdicts a longer generation changes."""
+    completions, and, where the ``delayed_refusal`` stage ran, the share of substring verdicts a longer
+    generation changes."""
     budget = flat.get("delayed_refusal/eval_budget")
     longer = flat.get("delayed_refusal/long_budget")
     rows = []
@@ -173,9 +174,10 @@ def refusal_by_judge(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, An
                 "unparsable": flat.get(f"{found}/unparsable/{condition}"),
                 "McNemar p vs baseline": flat.get(f"{found}/mcnemar_vs_baseline/{condition}/p_value"),
                 "judge vs labelled completions": judge_agreement(flat, judge),
-                f"verdicts changed, {budget} → {longer} tokens": (
-                    flat.get(f"delayed_refusal/by_condition/{condition}/{budget}") if judge == "substring" else None),
             })
+            if budget is not None:
+                rows[-1][f"verdicts changed, {budget} → {longer} tokens"] = (
+                    flat.get(f"delayed_refusal/by_condition/{condition}/{budget}") if judge == "substring" else None)
     return rows
 
 
