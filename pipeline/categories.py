@@ -84,7 +84,8 @@ def cross_ablation(lm: LoadedModel, directions: dict[str, torch.Tensor], selecte
     sizes = [len(prompts[name]) for name in names]
     ids = lm.encode([text for name in names for text in prompts[name]])
 
-    def scores(name: str) -> torch.Tensor:
+    def run_scores(name: str) -> torch.Tensor:
+        """The scores of run ``name`` under the hooks now active, from ``store`` if a killed stage finished it."""
         saved = store.get(name) if store is not None else None
         if saved is None:
             saved = _scores(lm, ids, batch_size).tolist()
@@ -92,11 +93,11 @@ def cross_ablation(lm: LoadedModel, directions: dict[str, torch.Tensor], selecte
                 store.put(name, saved)
         return torch.tensor(saved)
 
-    runs = {BASELINE: scores(BASELINE)}
+    runs = {BASELINE: run_scores(BASELINE)}
     ablations = {**directions, SELECTED: selected}
     for ablated, direction in tqdm(ablations.items(), desc="cross-ablation", unit="direction", total=len(ablations)):
         with apply(lm, "ablation", Edit.of(direction, layer, lm.n_layers)):
-            runs[ablated] = scores(ablated)
+            runs[ablated] = run_scores(ablated)
     rows = []
     for ablated, scores in runs.items():
         for name, mine in zip(names, scores.split(sizes), strict=True):

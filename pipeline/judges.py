@@ -370,9 +370,10 @@ def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, li
     return out
 
 
-def template_files() -> list[Path]:
-    """Every shipped judge template: what a judge checkpoint's results also depend on."""
-    return sorted(TEMPLATES.iterdir())
+def judge_checkpoint(stage: str, cfg: DictConfig, inputs: Sequence[Path]) -> Checkpoint:
+    """The checkpoint of a judging stage: its verdicts depend on the judged files and on the shipped judge
+    templates too."""
+    return Checkpoint.open(stage, cfg, [*inputs, *sorted(TEMPLATES.iterdir())])
 
 
 def free_memory() -> None:

@@ -18,11 +18,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline import paths
-from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
-from pipeline.judges import template_files
+from pipeline.judges import judge_checkpoint
 from pipeline.refusal_judges import VERDICTS, judge_completions
 from pipeline.stats import agreement
 
@@ -52,7 +51,7 @@ def binary(verdict: str | None) -> str | None:
 def run(cfg: DictConfig) -> None:
     items = labelled_items()
     completions = {"labelled": [{"instruction": i["instruction"], "response": i["response"]} for i in items]}
-    checkpoint = Checkpoint.open("judge_validation", cfg, [LABELLED, *template_files()])
+    checkpoint = judge_checkpoint("judge_validation", cfg, [LABELLED])
     _, judged = judge_completions(cfg, completions, checkpoint)
     labels = [i["label"] for i in items]
     metrics, rows = {}, [dict(i) for i in items]

@@ -19,12 +19,11 @@ from dataclasses import asdict
 from omegaconf import DictConfig
 
 from pipeline import paths
-from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
 from pipeline.degenerate import Thresholds, shares
 from pipeline.io import read_json, write_json
-from pipeline.judges import template_files
+from pipeline.judges import judge_checkpoint
 from pipeline.refusal_judges import judge_completions, summarize, verdict_records
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def run(cfg: DictConfig) -> None:
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     files = [paths.completions(c) for c in conditions]
     completions = {c: read_json(f) for c, f in zip(conditions, files)}
-    checkpoint = Checkpoint.open("refusal", cfg, [*files, *template_files()])
+    checkpoint = judge_checkpoint("refusal", cfg, files)
     measures, judged = judge_completions(cfg, completions, checkpoint)
     summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)
                  for name, by_condition in judged.items()}

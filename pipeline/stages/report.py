@@ -152,32 +152,36 @@ def judge_agreement(flat: dict[str, Any], judge: str) -> str:
             f"(n={flat[f'{found}/n']})")
 
 
+def interval_text(ci: list[float] | None) -> str | None:
+    """A 95% interval as ``low–high`` (None where there is none)."""
+    return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None
+
+
 def refusal_by_judge(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per refusal judge and condition: the rate with its interval and n, the degenerate and
     unparsable counts, the paired test against the baseline, the judge's agreement with the labelled
     completions, and, where the ``delayed_refusal`` stage ran, the share of substring verdicts a longer
     generation changes."""
     budget = flat.get("delayed_refusal/eval_budget")
-    longer = flat.get("delayed_refusal/long_budget")
+    delayed_column = f"verdicts changed, {budget} → {flat.get('delayed_refusal/long_budget')} tokens"
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     rows = []
     for judge in flat.get("refusal/judges") or []:
         found = f"refusal/by_judge/{judge}"
-        for condition in eval_conditions(cfg.eval.conditions, cfg.eval.sets):
-            ci = flat.get(f"{found}/ci95/{condition}")
+        for condition in conditions:
+            delayed = flat.get(f"delayed_refusal/by_condition/{condition}/{budget}") if judge == "substring" else None
             rows.append({
                 "condition": condition,
                 "judge": judge,
                 "refusal rate": flat.get(f"{found}/refusal_rate/{condition}"),
-                "95% CI": f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None,
+                "95% CI": interval_text(flat.get(f"{found}/ci95/{condition}")),
                 "n": flat.get(f"{found}/n/{condition}"),
                 "degenerate": flat.get(f"{found}/degenerate_share/{condition}"),
                 "unparsable": flat.get(f"{found}/unparsable/{condition}"),
                 "McNemar p vs baseline": flat.get(f"{found}/mcnemar_vs_baseline/{condition}/p_value"),
                 "judge vs labelled completions": judge_agreement(flat, judge),
+                **({delayed_column: delayed} if budget is not None else {}),
             })
-            if budget is not None:
-                rows[-1][f"verdicts changed, {budget} → {longer} tokens"] = (
-                    flat.get(f"delayed_refusal/by_condition/{condition}/{budget}") if judge == "substring" else None)
     return rows
 
 
@@ -191,10 +195,6 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[
         keys = [f"refusal/{key.format(c)}" for c, (s, iv) in conditions.items() if s == side and iv == name]
         return flat.get(keys[0]) if keys else None
 
-    def interval(name: str) -> str | None:
-        ci = refusal("harmful", name, "ci95/{}")
-        return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else None
-
     return [{
         "intervention": name,
         "refusal, harmful test": refusal("harmful", name),
@@ -204,7 +204,7 @@ def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[
         "ΔCE general text": flat.get(f"loss/ce_loss/general_text/delta_{name}"),
         "ΔCE own completions": flat.get(f"loss/ce_loss/harmless_completions/delta_{name}"),
         "over-refusal": flat.get(f"over_refusal/refusal_rate/{name}"),
-        "harmful 95% CI": interval(name),
+        "harmful 95% CI": interval_text(refusal("harmful", name, "ci95/{}")),
         "McNemar p vs baseline (harmful)": refusal("harmful", name, "mcnemar_vs_baseline/{}/p_value"),
         "degenerate, harmful test": refusal("harmful", name, "degenerate_share/{}"),
         "accepts a false premise": flat.get(f"false_premise/by_intervention/{name}/false_premise/accepts_premise"),

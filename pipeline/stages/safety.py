@@ -15,12 +15,11 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline import paths
-from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
-from pipeline.judges import check_spec, free_memory, judge_conditions, load_judge, template_files
+from pipeline.judges import check_spec, free_memory, judge_checkpoint, judge_conditions, load_judge
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def run(cfg: DictConfig) -> None:
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
     files = [paths.completions(c) for c in conditions]
     completions = {c: read_json(f) for c, f in zip(conditions, files)}
-    checkpoint = Checkpoint.open("safety", cfg, [*files, *template_files()])
+    checkpoint = judge_checkpoint("safety", cfg, files)
     for name in names:
         judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
         judged = judge_conditions(judge, completions, desc=name, store=checkpoint.scope(name))
