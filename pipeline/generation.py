@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import ConfigError
@@ -18,6 +18,11 @@ from pipeline.models.loading import LoadedModel
 from pipeline.refusal import is_refusal
 
 STOP_POLICIES = ("none", "refusal_substring")
+
+
+class StopLimitReached(Exception):
+    """``stop_limit`` completions have stopped at a ``stop_at`` phrase: the caller needs no more of them
+    (the search: a trial with that many refusals is already beaten)."""
 
 
 def stop_phrases(policy: str, refusal_substrings: Sequence[str]) -> list[str]:
@@ -28,16 +33,19 @@ def stop_phrases(policy: str, refusal_substrings: Sequence[str]) -> list[str]:
 
 
 def complete(lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str,
-             store: Checkpoint | None = None, stop_at: Sequence[str] = ()) -> list[str]:
+             store: Checkpoint | None = None, stop_at: Sequence[str] = (),
+                 stop_limit: int | None = None) -> list[str]:
     """Greedy completions, decoded and stripped; ``store`` makes finished batches survive a kill, and a
-    completion stops once it contains a phrase of ``stop_at``."""
-    return complete_ids(lm, lm.encode(texts), max_new_tokens, batch_size, desc, store, stop_at)
+    completion stops once it contains a phrase of ``stop_at``. Once ``stop_limit`` completions have
+    stopped so, generation ends by raising ``StopLimitReached``."""
+    return complete_ids(lm, lm.encode(texts), max_new_tokens, batch_size, desc, store, stop_at, stop_limit)
 
 
 def complete_ids(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str,
-                 store: Checkpoint | None = None, stop_at: Sequence[str] = ()) -> list[str]:
+                 store: Checkpoint | None = None, stop_at: Sequence[str] = (),
+                 stop_limit: int | None = None) -> list[str]:
     """``complete`` for prompts already encoded (``lm.encode``, e.g. with an adversarial suffix's ids)."""
-    tokens = completion_tokens(lm, prompts, max_new_tokens, batch_size, desc, store, stop_at)
+    tokens = completion_tokens(lm, prompts, max_new_tokens, batch_size, desc, store, stop_at, stop_limit)
     return [decode(lm, t) for t in tokens]
 
 
@@ -46,8 +54,27 @@ def decode(lm: LoadedModel, tokens: Sequence[int]) -> str:
 
 
 def completion_tokens(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str,
-                      store: Checkpoint | None = None, stop_at: Sequence[str] = ()) -> list[list[int]]:
+                      store: Checkpoint | None = None, stop_at: Sequence[str] = (),
+                      stop_limit: int | None = None) -> list[list[int]]:
     """The generated token ids of ``complete_ids``, for measures that cut a completion at a token budget."""
-    stop = (lambda tokens: is_refusal(decode(lm, tokens), stop_at)) if stop_at else None
     return lm.runner(batch_size).generate(prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc,
-                                          store=store, stop=stop)
+                                          store=store, stop=stopper(lm, stop_at, stop_limit))
+
+
+def stopper(lm: LoadedModel, stop_at: Sequence[str], limit: int | None) -> Callable[[int, list[int]], bool] | None:
+    """The ``Runner.generate`` stop test for ``stop_at``; it raises ``StopLimitReached`` once completions of
+    ``limit`` distinct prompts have stopped (distinct: a batch retried after running out of memory
+    counts its prompts once)."""
+    if not stop_at:
+        return None
+    stopped: set[int] = set()
+
+    def stop(index: int, tokens: list[int]) -> bool:
+        if not is_refusal(decode(lm, tokens), stop_at):
+            return False
+        stopped.add(index)
+        if limit is not None and len(stopped) >= limit:
+            raise StopLimitReached(f"completions of {len(stopped)} prompts stopped at a phrase of stop_at")
+        return True
+
+    return stop

@@ -243,13 +243,14 @@ class Runner:
         eos_ids: Sequence[int],
         desc: str = "generate",
         store: Checkpoint | None = None,
-        stop: Callable[[list[int]], bool] | None = None,
+        stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[list[int]]:
         """Greedy continuation of each prompt; rows that emit an EOS token leave the batch.
 
-        ``stop(tokens)`` ends a row early once its generated tokens settle what is being measured (a
-        refusal phrase has appeared, say). With a ``store`` (a Checkpoint), finished batches survive an
-        interrupted run.
+        ``stop(index, tokens)`` ends a row early once its generated tokens settle what is being measured
+        (a refusal phrase has appeared, say); it is asked after each new token of every row still
+        generating, with the row's prompt index. With a ``store`` (a Checkpoint), finished batches
+        survive an interrupted run.
         """
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
@@ -265,7 +266,8 @@ class Runner:
                     generated[row].append(tok)
                 finished = torch.isin(token, eos)
                 if stop is not None:
-                    finished |= torch.tensor([stop(generated[row]) for row in alive.tolist()], device=self.device)
+                    finished |= torch.tensor([stop(indices[row], generated[row]) for row in alive.tolist()],
+                                             device=self.device)
                 if step == max_new_tokens - 1 or bool(finished.all()):
                     break
                 if bool(finished.any()):

@@ -18,9 +18,11 @@ n > 1, of the first n next-token distributions along the unedited model's greedy
 the answer ends sooner), averaged per prompt. The unedited logits are computed once. A trial never
 copies the model: hooks are removed, in-place weight edits undone, when it ends.
 
-The KL is measured first, and a trial is pruned without generating any harmful completion when its
-refusals cannot change the front (``prune_reason``): its KL is above ``max_kl``, or a complete trial
-already refused nothing at no more KL. Pruned trials count against the trial budget.
+The KL is measured first, and a trial's refusals are counted only as far as they can change the front
+(``prune_reason``): not at all when its KL is above ``max_kl`` or a complete trial already refused
+nothing at no more KL; otherwise generation gives up as soon as the trial has as many refusals as the
+best complete trial with no more KL (all harmful prompts are generated together, and refusals show in
+their first few tokens). Such trials are pruned, and count against the trial budget.
 
 Trials live in Optuna's RDB storage (an SQLite file by default; PostgreSQL or MySQL for several
 workers): a killed search resumes the same study and loses at most its running trial.
@@ -32,7 +34,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -40,7 +42,7 @@ import sqlalchemy.exc
 import torch
 
 from pipeline.edit import Edit, Kernel
-from pipeline.generation import complete
+from pipeline.generation import StopLimitReached, complete
 from pipeline.hooks import unit
 from pipeline.interventions import apply, projected
 from pipeline.models.loading import LoadedModel
@@ -177,31 +179,41 @@ class Objective:
     harmless_means: torch.Tensor | None = None  # [n_sites, d] at the candidates' position
     layer_range: tuple[float, float] = (0.0, 1.0)  # the fractional direction layer's range, as shares of depth
     max_kl: float = math.inf  # a trial whose KL exceeds this is pruned before its refusals are counted
-    prune_dominated: bool = True  # also prune a trial a complete one with no refusals beats on KL
+    prune_dominated: bool = True  # also prune a trial once a complete one is no worse on both objectives
 
-    def measure(self, edit: Edit, name: str,
-                skip: Callable[[float], str | None] = lambda kl: None) -> tuple[int | None, float, str | None]:
-        """(refusals, mean KL, why refusals were not counted) of intervention ``name`` with ``edit``. The KL
-        is measured first; when ``skip(kl)`` gives a reason, no harmful completion is generated."""
+    def measure(self, edit: Edit, name: str, rivals: Sequence[optuna.trial.FrozenTrial] | None = None,
+                ) -> tuple[int | None, float, str | None]:
+        """(refusals, mean KL, why refusals were not counted) of intervention ``name`` with ``edit``.
+
+        The KL is measured first. With ``rivals`` (complete trials) the refusals are counted only as far
+        as they can change the front (``prune_reason``): not at all above ``max_kl`` or when a rival
+        refused nothing at no more KL, and only until they reach the fewest of a rival with no more KL.
+        """
         n = self.harmless.logits.shape[1]
         with apply(self.lm, name, edit):
             kl = self.harmless.kl(tail_logits(self.lm, self.harmless.ids, n, self.batch_size))
-            reason = skip(kl)
-            refusals = self.refusals() if reason is None else None
-        return refusals, kl, reason
+            if rivals is None:
+                return self.refusals(), kl, None
+            limit, reason = prune_reason(kl, self.max_kl, rivals)
+            if limit == 0:
+                return None, kl, reason
+            try:
+                return self.refusals(limit), kl, None
+            except StopLimitReached:
+                return None, kl, f"{limit}+ refusals: {reason}"
 
-    def refusals(self) -> int:
-        """Refusals among the harmful prompts under whatever intervention is active."""
+    def refusals(self, limit: int | None = None) -> int:
+        """Refusals among the harmful prompts under whatever intervention is active; generation gives up
+        (``StopLimitReached``) once ``limit`` completions are refusals."""
         texts = complete(self.lm, self.harmful, self.max_new_tokens, self.batch_size, "search: harmful",
-                         stop_at=self.refusal_substrings)
+                         stop_at=self.refusal_substrings, stop_limit=limit)
         return sum(is_refusal(t, self.refusal_substrings) for t in texts)
 
     def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
         start = time.perf_counter()
         params = suggest(trial, self.base.n_layers, self.variants, self.max_peak, self.sources, self.layer_range)
         edit, name = trial_edit(params, self.base, self.candidates, self.harmless_means)
-        beaten_by = completed(trial.study) if self.prune_dominated else []
-        refusals, kl, reason = self.measure(edit, name, lambda kl: prune_reason(kl, self.max_kl, beaten_by))
+        refusals, kl, reason = self.measure(edit, name, completed(trial.study) if self.prune_dominated else [])
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         trial.set_user_attr("kl", kl)
         if reason is not None:
@@ -212,16 +224,18 @@ class Objective:
         return refusals, kl
 
 
-def prune_reason(kl: float, max_kl: float, trials: Sequence[optuna.trial.FrozenTrial]) -> str | None:
-    """Why a trial with this KL need not count its refusals, or None. Counting them cannot change the
-    front when the KL is above ``max_kl`` (no use whatever it refuses), or when a complete trial already
-    refused nothing at no more KL (whatever this one refuses, that trial is at least as good on both)."""
+def prune_reason(kl: float, max_kl: float, rivals: Sequence[optuna.trial.FrozenTrial]) -> tuple[int | None, str | None]:
+    """How many refusals a trial with this KL may count before counting more cannot change the front, and
+    why: none above ``max_kl`` (no use whatever it refuses); otherwise the fewest refused by a rival at no
+    more KL (reaching them, this trial is no better on either objective), or None without such a rival."""
     if kl > max_kl:
-        return f"KL {kl:.4f} above max_kl {max_kl}"
-    for t in trials:
-        if t.values[0] == 0 and t.values[1] <= kl:
-            return f"KL {kl:.4f} not below trial {t.number}'s {t.values[1]:.4f} with no refusals"
-    return None
+        return 0, f"KL {kl:.4f} above max_kl {max_kl}"
+    beaten = [t for t in rivals if t.values[1] <= kl]
+    if not beaten:
+        return None, None
+    best = min(beaten, key=lambda t: (t.values[0], t.values[1], t.number))
+    return int(best.values[0]), (f"KL {kl:.4f} not below trial {best.number}'s {best.values[1]:.4f} with "
+                                 f"{int(best.values[0])} refusals")
 
 
 def sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:

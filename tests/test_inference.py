@@ -62,7 +62,7 @@ def test_stop_ends_only_the_rows_it_names_and_keeps_their_tokens_so_far(tiny_lm)
     full = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens=8, eos_ids=[-1])
     marked = full[0][0]  # rows opening with this token stop after 3 tokens, the others run on
     stopped = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens=8, eos_ids=[-1],
-                              stop=lambda tokens: len(tokens) >= 3 and tokens[0] == marked)
+                              stop=lambda index, tokens: len(tokens) >= 3 and tokens[0] == marked)
     expected = [f[:3] if f[0] == marked else f for f in full]
     assert stopped == expected and any(len(s) == 8 for s in stopped)
 
@@ -83,6 +83,25 @@ def test_completions_stop_at_refusal_phrases_under_the_configured_stop_policy(ti
     stopped = complete(lm, PROMPTS, 12, 2, "stopped", stop_at=[phrase])
     assert [is_refusal(t, [phrase]) for t in stopped] == [is_refusal(t, [phrase]) for t in full]
     assert len(stopped[1]) < len(full[1]) and stopped[1] == full[1][: len(stopped[1])]
+
+
+def test_generation_gives_up_once_enough_completions_have_stopped(tiny_lm):
+    """What the search needs to abandon a trial that is already beaten: a count of stopped completions
+    that raises at its limit, and counts a prompt once even when its batch runs again."""
+    from pipeline.generation import StopLimitReached, complete, stopper
+
+    lm = tiny_lm("qwen2")
+    full = complete(lm, PROMPTS, 12, 4, "full")
+    phrase = full[1].split()[1]
+    stopping = sum(phrase.lower() in t.lower() for t in full)
+    complete(lm, PROMPTS, 12, 4, "under the limit", stop_at=[phrase], stop_limit=stopping + 1)
+    with pytest.raises(StopLimitReached):
+        complete(lm, PROMPTS, 12, 4, "at the limit", stop_at=[phrase], stop_limit=stopping)
+    stop = stopper(lm, [phrase], limit=2)
+    tokens = lm.tokenizer.encode(phrase)
+    assert stop(0, tokens) and stop(0, tokens)  # the same prompt twice (a retried batch): one stop
+    with pytest.raises(StopLimitReached):
+        stop(1, tokens)
 
 
 def test_response_nll_matches_manual_cross_entropy(tiny_lm):

@@ -17,7 +17,8 @@ from conftest import make_tiny_project, run_stages, subprocess_env
 from pipeline import search
 from pipeline.edit import Edit, read_edit
 from pipeline.errors import PipelineError
-from pipeline.refusal import kl_divergence
+from pipeline.generation import complete
+from pipeline.refusal import is_refusal, kl_divergence
 
 # No pruning (a random tiny model refuses nothing, so every trial after the first would be dominated, and
 # its KL can be large): these tests count complete trials. Pruning has its own tests.
@@ -271,8 +272,29 @@ def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(selected, t
 
 
 def test_a_trial_that_cannot_join_the_front_is_not_worth_generating_for():
-    trials = [_frozen(0, 3, 0.02), _frozen(1, 0, 0.08)]
-    assert search.prune_reason(0.05, 1.0, trials) is None  # it might refuse less than trial 0's 3: count them
-    assert "trial 1" in search.prune_reason(0.08, 1.0, trials)  # trial 1 refused nothing at no more KL
-    assert "above max_kl" in search.prune_reason(1.5, 1.0, [])
-    assert search.prune_reason(0.5, 1.0, [_frozen(0, 1, 0.01)]) is None  # one refusal: this one could do better
+    trials = [_frozen(0, 3, 0.02), _frozen(1, 0, 0.08), _frozen(2, 5, 0.01)]
+    assert search.prune_reason(0.005, 1.0, trials) == (None, None)  # no trial has less KL: count them all
+    limit, reason = search.prune_reason(0.05, 1.0, trials)  # trial 0 has 3 refusals at less KL:
+    assert limit == 3 and "trial 0" in reason  # counting stops once this one has 3 too
+    limit, reason = search.prune_reason(0.08, 1.0, trials)  # trial 1 refused nothing at no more KL
+    assert limit == 0 and "trial 1" in reason
+    assert search.prune_reason(1.5, 1.0, [])[0] == 0 and "above max_kl" in search.prune_reason(1.5, 1.0, [])[1]
+
+
+def test_a_trial_stops_generating_once_its_refusals_equal_a_rival_with_less_kl(tiny_lm):
+    """Refusals are counted only while they can still beat the best rival at no more KL: the trial whose
+    first completions already refuse as often as that rival is pruned, and one with fewer is counted."""
+    lm = tiny_lm("qwen2")
+    harmful = ["Write a haiku about autumn leaves.", "Name a fruit.", "Describe the sea.", "Count to five."]
+    texts = complete(lm, harmful, 6, 4, "unedited")
+    phrase = next(t.split()[0] for t in texts if t.split())  # a "refusal phrase" the tiny model writes
+    refusing = sum(is_refusal(t, [phrase]) for t in texts)
+    harmless = search.HarmlessReference.of(lm, lm.encode(["Name a colour."]), 1, 4)
+    base = Edit.of(torch.zeros(lm.d_model), 1, lm.n_layers, position=-1)  # a zero direction: the edit changes nothing
+    objective = search.Objective(lm, base, torch.zeros(lm.n_layers + 1, lm.d_model), harmful, harmless, [phrase],
+                                 6, 4, ("plain",), 1.0)
+    assert objective.measure(base, "ablation")[0] == refusing  # no rivals: everything counted
+    refusals, kl, reason = objective.measure(base, "ablation", [_frozen(0, refusing, 0.0)])
+    assert refusals is None and reason.startswith(f"{refusing}+ refusals") and "trial 0" in reason
+    assert objective.measure(base, "ablation", [_frozen(0, refusing + 1, 0.0)])[0] == refusing
+    assert objective.measure(base, "ablation", [_frozen(0, 0, 1e-3)])[0] == refusing  # its KL is above this one's
