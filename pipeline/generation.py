@@ -34,7 +34,7 @@ def stop_phrases(policy: str, refusal_substrings: Sequence[str]) -> list[str]:
 
 def complete(lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, desc: str,
              store: Checkpoint | None = None, stop_at: Sequence[str] = (),
-                 stop_limit: int | None = None) -> list[str]:
+             stop_limit: int | None = None) -> list[str]:
     """Greedy completions, decoded and stripped; ``store`` makes finished batches survive a kill, and a
     completion stops once it contains a phrase of ``stop_at``. Once ``stop_limit`` completions have
     stopped so, generation ends by raising ``StopLimitReached``."""

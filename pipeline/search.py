@@ -181,8 +181,8 @@ class Objective:
     max_kl: float = math.inf  # a trial whose KL exceeds this is pruned before its refusals are counted
     prune_dominated: bool = True  # also prune a trial once a complete one is no worse on both objectives
 
-    def measure(self, edit: Edit, name: str, rivals: Sequence[optuna.trial.FrozenTrial] | None = None,
-                ) -> tuple[int | None, float, str | None]:
+    def measure(self, edit: Edit, name: str,
+                rivals: Sequence[optuna.trial.FrozenTrial] | None = None) -> tuple[int | None, float, str | None]:
         """(refusals, mean KL, why refusals were not counted) of intervention ``name`` with ``edit``.
 
         The KL is measured first. With ``rivals`` (complete trials) the refusals are counted only as far
