@@ -9,7 +9,8 @@
 2. the matmul rate per dtype (bfloat16, float32) as this CPU runs it and under oneDNN ISA caps that mimic
    CPUs without AMX (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, ``AVX2``), the dtype ``model.dtype=auto``
    chose, and the model FLOP utilisation of the project's forward passes against that dtype's rate;
-3. batched greedy generation against a one-prompt-at-a-time loop (tokens/s);
+3. batched greedy generation against a one-prompt-at-a-time loop (tokens/s), and with every
+   ``nn.Linear`` computing as ``F.linear`` against weight-first (``runtime.weight_first_rows``);
 4. peak memory of the activations stage for two train-set sizes;
 5. wall time per stage of the last default ``dvc repro`` (from artifacts/timing).
 
@@ -39,9 +40,9 @@ from pipeline.data_sources import load_source
 from pipeline.edit import Edit
 from pipeline.inference import left_pad
 from pipeline.interventions import apply
-from pipeline.models.loading import LoadedModel, load_model
+from pipeline.models.loading import LoadedModel, load_model, use_weight_first
 from pipeline.refusal import kl_divergence, refusal_scores
-from pipeline.runtime import BF16_MARGIN, rates_under_isa
+from pipeline.runtime import BF16_MARGIN, LOADED, rates_under_isa, set_weight_first_rows
 from pipeline.selection import Halving, Rules, Scores, choose, score_candidates, score_table
 from pipeline.stages import STAGES
 from pipeline.stages.activations import mean_activations
@@ -51,7 +52,7 @@ from pipeline.stages.data import split_pool
 # bfloat16 sums grouped differently (prefix cache, stacked rows, batch shapes) differ in the last bits.
 # Refusal scores are log-odds; KL is in nats.
 SCORE_TOLERANCE = {"bypass_score": 0.05, "induce_score": 0.05, "kl": 0.01}
-SECTIONS = ("dtypes", "selection", "utilisation", "generation", "memory", "stages")
+SECTIONS = ("dtypes", "selection", "utilisation", "generation", "weight_first", "memory", "stages")
 
 
 def emit(name: str, value) -> None:
@@ -253,6 +254,31 @@ def bench_generation(lm: LoadedModel, texts: list[str], max_new_tokens: int, cfg
     emit("generation_speedup", f"{batched_rate / single_rate:.2f}x")
 
 
+def bench_weight_first(lm: LoadedModel, texts: list[str], max_new_tokens: int, cfg) -> None:
+    """Batched greedy generation with every ``nn.Linear`` as ``F.linear`` against the measured weight-first
+    choice, on the same prompts: seconds, speed-up and how many completions came out token for token the same."""
+    choice = LOADED[lm.name]["weight_first"]
+    emit("weight_first_rows", f"{choice['rows']} ({choice['reason']})")
+    if choice["rows"] == 0:
+        emit("weight_first_speedup", "none: weight-first is not used on this machine")
+        return
+    ids = lm.encode(texts)
+    runner = lm.runner(cfg.eval.batch_size, progress=False)
+    seconds, outputs = {}, {}
+    for rows in (0, choice["rows"]):
+        use_weight_first(lm.model, rows)
+        runner.generate(ids[:2], lm.chat.prefix_ids, 2, lm.eos_ids)  # warm-up: one-time costs are not the layout's
+        start = time.perf_counter()
+        outputs[rows] = runner.generate(ids, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids)
+        seconds[rows] = time.perf_counter() - start
+    plain, weight_first = seconds[0], seconds[choice["rows"]]
+    same = sum(a == b for a, b in zip(outputs[0], outputs[choice["rows"]]))
+    emit("weight_first_generation_seconds", f"F.linear {plain:.1f}, weight-first {weight_first:.1f} "
+                                            f"({len(ids)} prompts, {max_new_tokens} new tokens)")
+    emit("weight_first_speedup", f"{plain / weight_first:.2f}x")
+    emit("weight_first_identical_completions", f"{same}/{len(ids)}")
+
+
 def bench_activation_memory(n_prompts: list[int], paper_dir: Path | None) -> None:
     """Peak RSS of the activations computation in a fresh process, beyond the loaded model."""
     for n in n_prompts:
@@ -309,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         _activation_memory_child(args._activation_memory, paper_dir)
         return
     cfg = compose_config(args.overrides)
+    set_weight_first_rows(cfg.runtime.weight_first_rows)
     emit("model", cfg.model.name)
     emit("torch_threads", torch.get_num_threads())
     lm = load_model(cfg.model, cfg.runtime.device)
@@ -320,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         "selection": lambda: bench_selection(lm, prompts, cfg, args.skip_reference),
         "utilisation": lambda: bench_utilisation(lm, prompts["harmless_val"], cfg),
         "generation": lambda: bench_generation(lm, prompts["harmless_val"], args.max_new_tokens, cfg, args.n_single),
+        "weight_first": lambda: bench_weight_first(lm, prompts["harmless_val"], args.max_new_tokens, cfg),
         "memory": lambda: bench_activation_memory([args.n_train // 4, args.n_train], paper_dir),
         "stages": stage_times,
     }

@@ -45,7 +45,7 @@ from pipeline.benchmark import emit, load_prompts
 from pipeline.config import compose_config
 from pipeline.edit import Edit
 from pipeline.models.loading import checkpoint, load_model, resolve_device, resolve_dtype
-from pipeline.runtime import apply_threads
+from pipeline.runtime import LOADED, apply_threads, set_weight_first_rows
 from pipeline.stages.activations import mean_activations
 
 HERETIC = "heretic-llm==1.4.0"
@@ -160,6 +160,7 @@ def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: 
     """The project's search, fitted and evaluated on the same prompts, in a fresh SQLite study."""
     start = time.perf_counter()
     lm = load_model(cfg.model, cfg.runtime.device)
+    emit("ours_weight_first_rows", LOADED[cfg.model.name]["weight_first"]["rows"])
     batch = cfg.runtime.batch_size
     harmful_mean = mean_activations(lm, prompts["harmful_train"], batch, "harmful fit")[-1]
     harmless_mean = mean_activations(lm, prompts["harmless_train"], batch, "harmless fit")[-1]
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = compose_config([*args.overrides, "search=optuna", f"model.system_prompt={SYSTEM_PROMPT!r}"])
     apply_threads(cfg.runtime.threads)
+    set_weight_first_rows(cfg.runtime.weight_first_rows)
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.model, device)
     model_dir, _ = checkpoint(cfg.model, dtype)

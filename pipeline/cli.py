@@ -1,7 +1,8 @@
 """The thin entry point every DVC stage goes through.
 
 ``python -m pipeline.stages.<name> [key=value ...]`` loads ``params.yaml`` (with overrides),
-sets torch's threads (``runtime.threads``; warns when the machine is already busy), runs the stage,
+sets torch's threads (``runtime.threads``; warns when the machine is already busy) and how its models
+multiply a few rows (``runtime.weight_first_rows``), runs the stage,
 records its wall time (and the dtype each model was loaded in) next to its outputs, and turns a
 ``PipelineError`` into a short message and exit status 2 instead of a traceback.
 """
@@ -23,7 +24,7 @@ from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.inference import OOM_BACKOFFS
 from pipeline.io import write_json
-from pipeline.runtime import LOADED, apply_threads, warn_if_oversubscribed
+from pipeline.runtime import LOADED, apply_threads, set_weight_first_rows, warn_if_oversubscribed
 
 console = Console(stderr=True)
 
@@ -36,9 +37,10 @@ def setup_logging() -> None:
 
 
 def timed(name: str, fn: Callable[[DictConfig], None], cfg: DictConfig) -> float:
-    """Run stage ``fn`` on ``cfg`` and record its wall time, its threads, the dtype of each model it loaded and
-    any OOM batch back-offs next to its outputs."""
+    """Run stage ``fn`` on ``cfg`` and record its wall time, its threads, how each model it loaded computes
+    (dtype, weight-first rows) and any OOM batch back-offs next to its outputs."""
     threads = apply_threads(cfg.runtime.threads)
+    set_weight_first_rows(cfg.runtime.weight_first_rows)
     warn_if_oversubscribed()
     start = time.perf_counter()
     OOM_BACKOFFS.clear()  # stages of a sweep job share one process: count this stage's back-offs only

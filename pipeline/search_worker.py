@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.cli import setup_logging
 from pipeline.config import CONF_DIR
-from pipeline.runtime import apply_threads
+from pipeline.runtime import apply_threads, set_weight_first_rows
 from pipeline.stages.search import work
 
 
@@ -26,6 +26,7 @@ from pipeline.stages.search import work
 def main(cfg: DictConfig) -> int:
     setup_logging()
     apply_threads(cfg.runtime.threads)
+    set_weight_first_rows(cfg.runtime.weight_first_rows)
     return work(cfg)[2]
 
 

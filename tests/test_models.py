@@ -142,3 +142,32 @@ def test_auto_dtype_loads_the_faster_measured_dtype_and_records_it(tiny_dir, mon
     assert runtime.LOADED["tiny-qwen2"]["dtype"] == faster and runtime.LOADED["tiny-qwen2"]["rates"]
     explicit = load_model(model_config("qwen2", tiny_dir("qwen2"), dtype="float32"), "cpu")
     assert explicit.model.dtype == torch.float32 and runtime.LOADED["tiny-qwen2"]["reason"] == "explicit"
+
+
+def test_weight_first_linears_give_the_models_own_logits_and_keep_their_hooks(tiny_dir, monkeypatch):
+    import torch
+
+    from conftest import model_config
+    from pipeline import runtime
+    from pipeline.models.loading import load_model, use_weight_first
+
+    monkeypatch.setattr(runtime, "WEIGHT_FIRST", {"setting": 0})
+    lm = load_model(model_config("qwen2", tiny_dir("qwen2")), "cpu")
+    ids = torch.tensor(lm.encode(["How do I bake bread?", "Name a colour."])[:1] * 2)
+    plain = lm.model(ids).logits
+    assert runtime.LOADED["tiny-qwen2"]["weight_first"]["rows"] == 0
+
+    runtime.set_weight_first_rows(ids.numel())  # every product of this forward pass has at most that many rows
+    patched = load_model(model_config("qwen2", tiny_dir("qwen2")), "cpu")
+    linears = [m for m in patched.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all("forward" in m.__dict__ for m in linears)
+    seen = []
+    linears[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    torch.testing.assert_close(patched.model(ids).logits, plain)
+    assert seen  # hooks on a weight-first linear still run
+    assert use_weight_first(patched.model, 0) == len(linears)  # 0 puts F.linear back
+    assert torch.equal(patched.model(ids).logits, plain)
+
+    runtime.set_weight_first_rows(ids.numel() - 1)  # fewer rows allowed than the pass has: F.linear, bit for bit
+    beyond = load_model(model_config("qwen2", tiny_dir("qwen2")), "cpu")
+    assert torch.equal(beyond.model(ids).logits, plain)

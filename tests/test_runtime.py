@@ -188,3 +188,81 @@ def test_rates_under_isa_measures_in_a_subprocess():
     rates = runtime.rates_under_isa("AVX2", hidden=32, intermediate=64)
     assert rates["bfloat16"] > 0 and rates["float32"] > 0
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in rates["key"]
+
+
+@pytest.fixture
+def linear_seconds(monkeypatch):
+    """Stub ``measure_linear`` with fixed seconds per rows ([F.linear, weight-first]); ``calls`` records rows."""
+    stub = SimpleNamespace(seconds={8: (2.0, 1.0), 32: (2.0, 1.5), 128: (1.0, 1.0)}, calls=[])
+
+    def measure(rows, shapes, dtype):
+        stub.calls.append(rows)
+        return stub.seconds[rows]
+
+    monkeypatch.setattr(runtime, "measure_linear", measure)
+    monkeypatch.setattr(runtime, "WEIGHT_FIRST", {"setting": "auto"})
+    return stub
+
+
+def choose_rows(cache) -> runtime.WeightFirstChoice:
+    return runtime.choose_weight_first_rows("cpu", CONFIG, torch.float32, cache)
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [
+    ({8: (2.0, 1.0), 32: (2.0, 1.5), 128: (1.0, 1.0)}, 32),  # wins up to 32 rows, ties at 128
+    ({8: (2.0, 1.0), 32: (2.0, 1.0), 128: (2.0, 1.0)}, 128),
+    ({8: (1.0, 1.0), 32: (2.0, 1.0), 128: (2.0, 1.0)}, 0),  # no gain at the fewest rows: never
+    ({8: (2.0, 1.0), 32: (1.05, 1.0), 128: (2.0, 1.0)}, 8),  # a 5% gain is noise; larger counts stay off
+])
+def test_weight_first_is_used_up_to_the_rows_where_it_was_measured_faster(linear_seconds, tmp_path, seconds,
+                                                                         expected):
+    linear_seconds.seconds = seconds
+    choice = choose_rows(tmp_path / "cache.json")
+    assert choice.rows == expected and choice.reason == "auto: measured on this CPU"
+    assert choice.seconds == {str(rows): list(pair) for rows, pair in seconds.items()}
+
+
+def test_weight_first_choice_is_cached_per_machine_and_dtype(linear_seconds, tmp_path):
+    cache = tmp_path / "cache.json"
+    first = choose_rows(cache)
+    linear_seconds.seconds = {rows: (1.0, 1.0) for rows in runtime.WEIGHT_FIRST_ROWS}
+    second = choose_rows(cache)
+    assert (second.rows, second.key) == (first.rows, first.key) == (32, first.key) and "cached" in second.reason
+    assert linear_seconds.calls == list(runtime.WEIGHT_FIRST_ROWS)
+    assert runtime.choose_weight_first_rows("cpu", CONFIG, torch.bfloat16, cache).rows == 0  # measured anew
+    assert len(read_json(cache)) == 2
+
+
+@pytest.mark.parametrize(("setting", "device", "expected", "reason"), [
+    (0, "cpu", 0, "explicit"), (48, "cpu", 48, "explicit"), ("auto", "cuda:0", 0, "auto: cuda:0 is not a CPU")])
+def test_explicit_rows_and_gpus_measure_nothing(linear_seconds, tmp_path, setting, device, expected, reason):
+    runtime.set_weight_first_rows(setting)
+    choice = runtime.choose_weight_first_rows(device, CONFIG, torch.float32, tmp_path / "cache.json")
+    assert (choice.rows, choice.reason) == (expected, reason)
+    assert linear_seconds.calls == [] and not (tmp_path / "cache.json").exists()
+
+
+@pytest.mark.parametrize("setting", [-1, "fast", True, 2.5])
+def test_bad_weight_first_setting_says_what_to_use(linear_seconds, setting):
+    with pytest.raises(ConfigError, match="auto .* 0 .* positive number of rows"):
+        runtime.set_weight_first_rows(setting)
+    assert runtime.WEIGHT_FIRST["setting"] == "auto"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_first_linear_is_the_same_product(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias)
+    x = torch.randn(3, 5, 48)
+    out = runtime.weight_first_linear(x, layer.weight, layer.bias)
+    assert out.shape == (3, 5, 80) and out.is_contiguous()
+    torch.testing.assert_close(out, layer(x))
+
+
+def test_linear_shapes_cover_attention_and_both_mlp_projections_within_the_flop_cap():
+    config = SimpleNamespace(hidden_size=1536, intermediate_size=8960)
+    assert runtime.linear_shapes(config, 128) == [(1536, 1536), (8960, 1536), (1536, 8960)]  # whole at 128 rows
+    big = SimpleNamespace(hidden_size=8192, intermediate_size=28672)
+    shapes = runtime.linear_shapes(big, 128)
+    assert [inp for _, inp in shapes] == [8192, 8192, 28672]
+    assert all(2 * 128 * out * inp <= runtime.MAX_LINEAR_FLOP for out, inp in shapes)

