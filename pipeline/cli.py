@@ -2,9 +2,9 @@
 
 ``python -m pipeline.stages.<name> [key=value ...]`` loads ``params.yaml`` (with overrides),
 sets torch's threads (``runtime.threads``; warns when the machine is already busy) and how its models
-multiply a few rows (``runtime.weight_first_rows``), runs the stage,
-records its wall time (and the dtype each model was loaded in) next to its outputs, and turns a
-``PipelineError`` into a short message and exit status 2 instead of a traceback.
+multiply a few rows (``runtime.weight_first_rows``), runs the stage, records its wall time (and how
+each model computed: dtype, weight-first rows) next to its outputs, and turns a ``PipelineError``
+into a short message and exit status 2 instead of a traceback.
 """
 
 from __future__ import annotations

@@ -69,9 +69,11 @@ WEIGHT_FIRST_ROWS = (8, 32, 128)  # rows measured: decoding steps of small and l
 WEIGHT_FIRST_MARGIN = 1.1  # weight-first must save 10%: a smaller gain is within the timing noise
 MAX_LINEAR_FLOP = 4e9  # per measured product: the embedded model's whole MLP weights fit at 128 rows
 LINEAR_REPEATS = 3  # timings per product and layout; the fastest counts (the others caught a hiccup)
+LINEAR_SECONDS = 0.25  # a warm-up this slow is timed alone: bfloat16 without AVX-512 runs ~1 GFLOP/s
 # The running stage's runtime.weight_first_rows, set by `set_weight_first_rows`; library use measures.
 WEIGHT_FIRST = {"setting": "auto"}
-# What this process loaded each model in ({name: {"dtype", "reason", "rates"}}), for the stage's timing record.
+# How this process loaded each model ({name: {"dtype", "reason", "rates", "weight_first"}}), for the stage's
+# timing record.
 LOADED: dict[str, dict] = {}
 
 
@@ -219,8 +221,13 @@ def linear_shapes(text_config: Any, rows: int) -> list[tuple[int, int]]:
 
 
 def _fastest(fn: Callable[..., Any], *args: Any) -> float:
-    """Seconds of the fastest of ``LINEAR_REPEATS`` calls of ``fn(*args)`` after one warm-up."""
+    """Seconds of the fastest of ``LINEAR_REPEATS`` calls of ``fn(*args)`` after one warm-up; just the
+    warm-up's when that alone took ``LINEAR_SECONDS`` (a dtype this CPU runs slowly: one call is enough)."""
+    start = time.perf_counter()
     fn(*args)
+    warmup = time.perf_counter() - start
+    if warmup >= LINEAR_SECONDS:
+        return warmup
     times = []
     for _ in range(LINEAR_REPEATS):
         start = time.perf_counter()

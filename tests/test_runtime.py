@@ -266,3 +266,13 @@ def test_linear_shapes_cover_attention_and_both_mlp_projections_within_the_flop_
     shapes = runtime.linear_shapes(big, 128)
     assert [inp for _, inp in shapes] == [8192, 8192, 28672]
     assert all(2 * 128 * out * inp <= runtime.MAX_LINEAR_FLOP for out, inp in shapes)
+
+
+@pytest.mark.parametrize(("pause", "calls"), [(0.0, 1 + runtime.LINEAR_REPEATS), (0.02, 1)])
+def test_a_product_this_cpu_runs_slowly_is_timed_once(monkeypatch, pause, calls):
+    import time
+
+    monkeypatch.setattr(runtime, "LINEAR_SECONDS", 0.01)
+    made = []
+    seconds = runtime._fastest(lambda: (made.append(1), time.sleep(pause)))
+    assert len(made) == calls and seconds >= pause
