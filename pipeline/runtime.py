@@ -153,19 +153,29 @@ def cpu_key(cpuinfo: Path = CPUINFO) -> str:
             f"{ISA_ENV}={os.environ.get(ISA_ENV) or 'unset'} | threads {torch.get_num_threads()}")
 
 
+def cached_measurement(cache_file: Path, key: str, measure: Callable[[], dict]) -> tuple[dict, str]:
+    """The entry cached under this machine's ``key`` in ``cache_file``, else ``measure()``'s, stored there;
+    and the reason to record (cached or measured)."""
+    entries = read_json(cache_file) if cache_file.exists() else {}
+    if key in entries:
+        return entries[key], f"auto: cached CPU measurement ({cache_file})"
+    entry = measure()
+    write_json(cache_file, {**entries, key: entry})
+    return entry, "auto: measured on this CPU"
+
+
 def _measured_cpu_dtype(text_config: Any, cache_file: Path) -> DtypeChoice:
     """bfloat16 or float32 by measurement at the model's shapes, cached under this machine's key."""
     shapes = model_shapes(text_config)
     key = f"{cpu_key()} | shapes {shapes}"
-    entries = read_json(cache_file) if cache_file.exists() else {}
-    if key in entries:
-        choice = DtypeChoice(entries[key]["dtype"], f"auto: cached CPU measurement ({cache_file})",
-                             entries[key]["rates"], key)
-    else:
+
+    def measure() -> dict:
         rates = measure_rates(shapes)
-        dtype = "bfloat16" if rates["bfloat16"] >= BF16_MARGIN * rates["float32"] else "float32"
-        choice = DtypeChoice(dtype, "auto: measured on this CPU", rates, key)
-        write_json(cache_file, {**entries, key: {"dtype": dtype, "rates": rates}})
+        return {"dtype": "bfloat16" if rates["bfloat16"] >= BF16_MARGIN * rates["float32"] else "float32",
+                "rates": rates}
+
+    entry, reason = cached_measurement(cache_file, key, measure)
+    choice = DtypeChoice(entry["dtype"], reason, entry["rates"], key)
     log.info("model.dtype=auto -> %s (bfloat16 %.2f vs float32 %.2f GFLOP/s; %s)", choice.dtype,
              choice.rates["bfloat16"], choice.rates["float32"], choice.reason)
     return choice
@@ -267,11 +277,8 @@ def choose_weight_first_rows(device: str, text_config: Any, dtype: torch.dtype,
     cache_file = cache_file or cache_dir() / "weight_first_choice.json"
     shapes = {rows: linear_shapes(text_config, rows) for rows in WEIGHT_FIRST_ROWS}
     key = f"{cpu_key()} | {dtype} | shapes {shapes}"
-    entries = read_json(cache_file) if cache_file.exists() else {}
-    if key in entries:
-        choice = WeightFirstChoice(entries[key]["rows"], f"auto: cached CPU measurement ({cache_file})",
-                                   entries[key]["seconds"], key)
-    else:
+
+    def measure() -> dict:
         seconds = {str(rows): [round(t, 6) for t in measure_linear(rows, shapes[rows], dtype)]
                    for rows in WEIGHT_FIRST_ROWS}
         chosen = 0
@@ -280,8 +287,10 @@ def choose_weight_first_rows(device: str, text_config: Any, dtype: torch.dtype,
             if linear < WEIGHT_FIRST_MARGIN * weight_first:
                 break
             chosen = rows
-        choice = WeightFirstChoice(chosen, "auto: measured on this CPU", seconds, key)
-        write_json(cache_file, {**entries, key: {"rows": choice.rows, "seconds": seconds}})
+        return {"rows": chosen, "seconds": seconds}
+
+    entry, reason = cached_measurement(cache_file, key, measure)
+    choice = WeightFirstChoice(entry["rows"], reason, entry["seconds"], key)
     log.info("runtime.weight_first_rows=auto -> %d (seconds F.linear vs weight-first per rows: %s; %s)",
              choice.rows, choice.seconds, choice.reason)
     return choice
