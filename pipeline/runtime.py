@@ -116,10 +116,15 @@ def _sliced(m: int, k: int, n: int) -> tuple[int, int, int]:
     return m, k, min(n, max(MIN_COLUMNS, int(MAX_MATMUL_FLOP // (2 * m * k))))
 
 
+def hidden_sizes(text_config: Any) -> tuple[int, int]:
+    """The model's hidden and MLP intermediate sizes (4x hidden where the config names none)."""
+    hidden = text_config.hidden_size
+    return hidden, getattr(text_config, "intermediate_size", None) or 4 * hidden
+
+
 def model_shapes(text_config: Any, tokens: int = TOKENS) -> list[tuple[int, int, int]]:
     """Matmul shapes typical of the model: an attention projection and the MLP down projection."""
-    hidden = text_config.hidden_size
-    intermediate = getattr(text_config, "intermediate_size", None) or 4 * hidden
+    hidden, intermediate = hidden_sizes(text_config)
     return [_sliced(tokens, hidden, hidden), _sliced(tokens, intermediate, hidden)]
 
 
@@ -224,8 +229,7 @@ def weight_first_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def linear_shapes(text_config: Any, rows: int) -> list[tuple[int, int]]:
     """``(out, in)`` of an attention projection, the MLP's up and down projections, with as many output
     features as keep ``rows`` rows under ``MAX_LINEAR_FLOP`` (output features are independent)."""
-    hidden = text_config.hidden_size
-    intermediate = getattr(text_config, "intermediate_size", None) or 4 * hidden
+    hidden, intermediate = hidden_sizes(text_config)
     return [(min(out, max(MIN_COLUMNS, int(MAX_LINEAR_FLOP // (2 * rows * inp)))), inp)
             for out, inp in [(hidden, hidden), (intermediate, hidden), (hidden, intermediate)]]
 
