@@ -170,8 +170,9 @@ def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: 
     harmless = search.HarmlessReference.of(lm, lm.encode(prompts["harmless_val"]), 1, cfg.eval.batch_size)
     objective = search.Objective(lm, base, candidates, prompts["harmful_val"], harmless,
                                  list(cfg.eval.refusal_substrings), args.max_new_tokens, cfg.eval.batch_size,
-                                 tuple(cfg.search.variants), cfg.search.max_peak, ("layer",), harmless_mean.float(),
-                                 tuple(cfg.search.layer_range), cfg.search.max_kl, cfg.search.prune_dominated)
+                                 tuple(cfg.search.variants), tuple(cfg.search.peak_range), ("layer",),
+                                 harmless_mean.float(), tuple(cfg.search.layer_range), cfg.search.max_kl,
+                                 cfg.search.prune_dominated)
     unedited = objective.refusals()
     study = optuna.create_study(storage=search.storage(f"sqlite:///{work / 'ours.db'}"), study_name="ours",
                                 directions=["minimize", "minimize"],
@@ -240,12 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     exe = heretic_executable(args.heretic_venv)
     command = heretic_command(exe, model_dir, data, args, dtype, device, markers, cfg.eval.batch_size,
                               args.work_dir / "heretic")
+    ours_settings = {k: cfg.search[k] for k in ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")}
     for name, value in (("model", cfg.model.name), ("model_dir", model_dir), ("dtype", dtype),
                         ("trials", args.trials), ("startup_trials", args.startup_trials), ("seed", args.seed),
                         ("max_new_tokens", args.max_new_tokens), ("batch_size", cfg.eval.batch_size),
-                        ("ours_settings", json.dumps({k: cfg.search[k] for k in ("layer_range", "variants", "max_peak",
-                                                                                 "max_kl", "prune_dominated")},
-                                                      default=list)),
+                        ("ours_settings", json.dumps(ours_settings, default=list)),
                         ("prompts_per_set", {k: len(v) for k, v in prompts.items()}),
                         ("refusal_markers", json.dumps(markers)),
                         ("heretic_settings", " ".join(command[1:]))):

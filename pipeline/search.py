@@ -42,6 +42,7 @@ import sqlalchemy.exc
 import torch
 
 from pipeline.edit import Edit, Kernel
+from pipeline.errors import ConfigError
 from pipeline.generation import StopLimitReached, complete
 from pipeline.hooks import unit
 from pipeline.interventions import apply, projected
@@ -70,16 +71,17 @@ def direction_at(candidates: torch.Tensor, index: float) -> torch.Tensor:
     return unit(interpolated(unit(candidates), index))
 
 
-def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], max_peak: float,
+def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], peak_range: tuple[float, float],
             sources: Sequence[str] = SOURCES, layer_range: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Sample one point of the search space (define-by-run: the layer index only for ``layer`` sources,
-    within ``layer_range`` as shares of the depth, never the embedding or past the last layer)."""
+    within ``layer_range`` as shares of the depth, never the embedding or past the last layer; kernel
+    peaks within ``peak_range``)."""
     params = {"source": trial.suggest_categorical("source", list(sources))}
     if params["source"] == "layer":
         low, high = max(1.0, layer_range[0] * n_layers), min(float(n_layers - 1), layer_range[1] * n_layers)
         params["direction_layer"] = trial.suggest_float("direction_layer", low, max(low, high))
     for part in COMPONENTS:
-        params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", 0.0, max_peak)
+        params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", *peak_range)
         params[f"{part}_position"] = trial.suggest_float(f"{part}_position", 0.0, float(n_layers - 1))
         params[f"{part}_floor"] = trial.suggest_float(f"{part}_floor", 0.0, 1.0)
         params[f"{part}_width"] = trial.suggest_float(f"{part}_width", 1.0, float(n_layers))
@@ -174,12 +176,18 @@ class Objective:
     max_new_tokens: int
     batch_size: int
     variants: tuple[str, ...]
-    max_peak: float
+    peak_range: tuple[float, float]  # kernel peak weights are searched within it
     sources: tuple[str, ...] = SOURCES
     harmless_means: torch.Tensor | None = None  # [n_sites, d] at the candidates' position
     layer_range: tuple[float, float] = (0.0, 1.0)  # the fractional direction layer's range, as shares of depth
     max_kl: float = math.inf  # a trial whose KL exceeds this is pruned before its refusals are counted
     prune_dominated: bool = True  # also prune a trial once a complete one is no worse on both objectives
+
+    def __post_init__(self) -> None:
+        low, high = self.peak_range
+        if not 0.0 <= low <= high:
+            raise ConfigError(f"search.peak_range={list(self.peak_range)}",
+                              "give [low, high] with 0 <= low <= high, e.g. [0.5, 1.5]")
 
     def measure(self, edit: Edit, name: str,
                 rivals: Sequence[optuna.trial.FrozenTrial] | None = None) -> tuple[int | None, float, str | None]:
@@ -211,7 +219,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
         start = time.perf_counter()
-        params = suggest(trial, self.base.n_layers, self.variants, self.max_peak, self.sources, self.layer_range)
+        params = suggest(trial, self.base.n_layers, self.variants, self.peak_range, self.sources, self.layer_range)
         edit, name = trial_edit(params, self.base, self.candidates, self.harmless_means)
         refusals, kl, reason = self.measure(edit, name, completed(trial.study) if self.prune_dominated else [])
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))

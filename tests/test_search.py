@@ -16,7 +16,7 @@ import torch
 from conftest import make_tiny_project, run_stages, subprocess_env
 from pipeline import search
 from pipeline.edit import Edit, read_edit
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.generation import complete
 from pipeline.refusal import is_refusal, kl_divergence
 
@@ -61,9 +61,22 @@ def test_a_direction_from_a_fractional_layer_is_projected_off_that_layers_harmle
 
 def test_the_direction_layer_stays_within_its_share_of_the_depth():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    layers = [search.suggest(study.ask(), 20, ["plain"], 1.0, ("layer",), (0.25, 0.75))["direction_layer"]
+    layers = [search.suggest(study.ask(), 20, ["plain"], (0.0, 1.0), ("layer",), (0.25, 0.75))["direction_layer"]
               for _ in range(200)]
     assert 5.0 <= min(layers) < 6.0 and 14.0 < max(layers) <= 15.0
+
+
+def test_kernel_peaks_stay_within_the_configured_range_and_a_reversed_range_says_what_to_give(tiny_lm):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    peaks = [value for _ in range(100)
+             for key, value in search.suggest(study.ask(), 20, ["plain"], (0.5, 1.5)).items() if key.endswith("_peak")]
+    assert 0.5 <= min(peaks) < 0.6 and 1.4 < max(peaks) <= 1.5
+    lm = tiny_lm("qwen2")
+    harmless = search.HarmlessReference.of(lm, lm.encode(["Name a colour."]), 1, 4)
+    base = Edit.of(torch.zeros(lm.d_model), 1, lm.n_layers, position=-1)
+    with pytest.raises(ConfigError, match=r"0 <= low <= high"):
+        search.Objective(lm, base, torch.zeros(lm.n_layers + 1, lm.d_model), ["Name a fruit."], harmless, ["no"],
+                         6, 4, ("plain",), (1.5, 0.5))
 
 
 def test_exact_kl_is_the_log_softmax_divergence_heretic_reports():
@@ -292,7 +305,7 @@ def test_a_trial_stops_generating_once_its_refusals_equal_a_rival_with_less_kl(t
     harmless = search.HarmlessReference.of(lm, lm.encode(["Name a colour."]), 1, 4)
     base = Edit.of(torch.zeros(lm.d_model), 1, lm.n_layers, position=-1)  # a zero direction: the edit changes nothing
     objective = search.Objective(lm, base, torch.zeros(lm.n_layers + 1, lm.d_model), harmful, harmless, [phrase],
-                                 6, 4, ("plain",), 1.0)
+                                 6, 4, ("plain",), (0.0, 1.0))
     assert objective.measure(base, "ablation")[0] == refusing  # no rivals: everything counted
     refusals, kl, reason = objective.measure(base, "ablation", [_frozen(0, refusing, 0.0)])
     assert refusals is None and reason.startswith(f"{refusing}+ refusals") and "trial 0" in reason

@@ -82,9 +82,9 @@ def objective(cfg: DictConfig, lm: LoadedModel) -> search.Objective:
         raise ConfigError(f"search.sources={list(cfg.search.sources)}", f"choose from: {', '.join(search.SOURCES)}")
     harmless = search.HarmlessReference.of(lm, harmless_ids, cfg.search.kl_tokens, cfg.eval.batch_size)
     return search.Objective(lm, edit, candidates, harmful, harmless, list(cfg.eval.refusal_substrings),
-                            cfg.search.max_new_tokens, cfg.eval.batch_size, tuple(variants), cfg.search.max_peak,
-                            tuple(cfg.search.sources), harmless_means, tuple(cfg.search.layer_range),
-                            cfg.search.max_kl, cfg.search.prune_dominated)
+                            cfg.search.max_new_tokens, cfg.eval.batch_size, tuple(variants),
+                            tuple(cfg.search.peak_range), tuple(cfg.search.sources), harmless_means,
+                            tuple(cfg.search.layer_range), cfg.search.max_kl, cfg.search.prune_dominated)
 
 
 def open_study(cfg: DictConfig) -> optuna.Study:
@@ -147,7 +147,7 @@ def work(cfg: DictConfig) -> tuple[optuna.Study, search.Objective, int]:
     study = open_study(cfg)
     lm = load_model(cfg.model, cfg.runtime.device)
     goal = objective(cfg, lm)
-    if not study.trials and "selected" in goal.sources and cfg.search.max_peak >= 1:
+    if not study.trials and "selected" in goal.sources and goal.peak_range[0] <= 1 <= goal.peak_range[1]:
         study.enqueue_trial(search.paper_params(lm.n_layers))  # start from the paper's edit
     return study, goal, search.optimize(study, goal, cfg.search.n_trials)
 
@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> None:
     if not trials:
         raise PipelineError(f"all {n_finished} trials of study {study.study_name} were pruned for a KL above "
                             f"search.max_kl={cfg.search.max_kl} (they stay in the study)",
-                            "raise search.max_kl or lower search.max_peak and rerun (that starts a new study)")
+                            "raise search.max_kl or lower search.peak_range and rerun (that starts a new study)")
     table = trial_table(trials)
     with atomic_path(OUT / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
