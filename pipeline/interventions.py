@@ -20,6 +20,10 @@ and its name in ``eval.conditions`` / ``eval.loss.interventions`` / ``eval.over_
   (with the edit's per-layer weights) and rescales each edited vector to its original norm; evaluated on
   the folded weights.
 * ``addition`` / ``subtraction``: activation addition of ``±coeff · r`` at the edit's addition layer.
+* ``recorded``: the intervention the edit record names: a search trial's own (``weighted_ablation`` or
+  ``norm_preserving_ablation``, with its kernel), the paper's ``ablation`` for a record that names none.
+  With ``eval.edit=search`` it evaluates the chosen trial as the search measured it, where ``ablation``
+  would remove the trial's direction at full strength.
 """
 
 from __future__ import annotations
@@ -87,10 +91,14 @@ def check_names(names, where: str) -> None:
         raise ConfigError(f"unknown intervention(s) {unknown} in {where}", f"use some of: {', '.join(INTERVENTIONS)}")
 
 
+def recorded_name(provenance: dict) -> str:
+    """The intervention an edit record's method chose (a search's trial records it), else the paper's ``ablation``."""
+    return provenance.get("intervention", "ablation")
+
+
 def folded_name(configured: str, provenance: dict) -> str:
-    """The intervention ``orthogonalize.intervention`` names: ``auto`` is the one the edit record's method
-    chose (a search's trial records it), else the paper's ``ablation``."""
-    return provenance.get("intervention", "ablation") if configured == "auto" else configured
+    """The intervention ``orthogonalize.intervention`` names: ``auto`` is the edit record's own (``recorded_name``)."""
+    return recorded_name(provenance) if configured == "auto" else configured
 
 
 def apply(lm, name: str, edit: Edit, stacked: bool = False) -> AbstractContextManager:
@@ -172,6 +180,27 @@ def _addition(sign: float) -> Hooks:
                                    stacked=stacked)
 
     return hooks
+
+
+def _recorded(edit: Edit) -> Intervention:
+    target = get_intervention(recorded_name(edit.provenance))
+    if target.name == "recorded":
+        raise ConfigError("the edit record names `recorded` as its own intervention", "re-run the stage that wrote it")
+    return target
+
+
+def _recorded_fold(model: nn.Module, adapter: ModelAdapter, edit: Edit) -> bool:
+    target = _recorded(edit)
+    if target.fold is None:
+        raise ConfigError(f"the edit record's intervention {target.name} cannot be folded into the weights",
+                          "evaluate it with hooks, or set orthogonalize.intervention to a foldable one")
+    return target.fold(model, adapter, edit)
+
+
+@register("recorded", fold=_recorded_fold)
+def recorded(model, adapter, edit, stacked=False):
+    """The intervention the edit record names (a search trial's own, with its kernel); else the paper's ablation."""
+    return _recorded(edit)(model, adapter, edit, stacked)
 
 
 register("addition", doc="Activation addition of +coeff·r at the edit's addition layer.")(_addition(+1.0))

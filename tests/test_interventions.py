@@ -1,5 +1,7 @@
 """The paper's claims about the interventions, checked exactly on tiny random models (float32)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -162,6 +164,11 @@ def _kernel_edit(lm) -> Edit:
                  mlp_weights=Kernel(0.8, 2, 0.5, 1.5).weights(lm.n_layers), embedding_weight=0.5)
 
 
+def _trial_edit(lm) -> Edit:
+    """A search trial's edit record: a kernel, and the intervention it was measured with."""
+    return replace(_kernel_edit(lm), provenance={"method": "search", "intervention": "weighted_ablation"})
+
+
 def _logits(lm, input_ids, mask):
     with torch.no_grad():
         return lm.model(input_ids=input_ids, attention_mask=mask).logits
@@ -171,7 +178,7 @@ def _logits(lm, input_ids, mask):
 @pytest.mark.parametrize("name", sorted(set(FOLDABLE) - {"norm_preserving_ablation"}))
 def test_every_foldable_intervention_folds_into_weights_that_equal_its_hooks(tiny_lm, family, name):
     lm = tiny_lm(family, tie=family != "qwen")
-    edit = _kernel_edit(lm) if name == "weighted_ablation" else _edit(lm)
+    edit = {"weighted_ablation": _kernel_edit(lm), "recorded": _trial_edit(lm)}.get(name) or _edit(lm)
     input_ids, mask = _batch(lm)
     original = _logits(lm, input_ids, mask)
     with apply(lm, name, edit):
@@ -192,6 +199,22 @@ def test_weighted_ablation_at_full_strength_is_the_papers_ablation(tiny_lm, fami
     with apply(lm, "weighted_ablation", edit):
         weighted = _logits(lm, input_ids, mask)
     torch.testing.assert_close(weighted[mask.bool()], paper[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_recorded_is_the_intervention_the_edit_record_names_and_the_papers_ablation_otherwise(tiny_lm, family):
+    """With eval.edit=search, `recorded` evaluates the chosen trial as the search measured it; `ablation` would
+    remove the trial's direction at full strength instead."""
+    lm = tiny_lm(family)
+    input_ids, mask = _batch(lm)
+    out = {}
+    for label, edit, name in (("trial", _trial_edit(lm), "weighted_ablation"), ("trial", _trial_edit(lm), "recorded"),
+                              ("full", _trial_edit(lm), "ablation"), ("paper", _edit(lm), "ablation"),
+                              ("paper", _edit(lm), "recorded")):
+        with apply(lm, name, edit):
+            out.setdefault(label, []).append(_logits(lm, input_ids, mask)[mask.bool()])
+    assert torch.equal(*out["trial"]) and torch.equal(*out["paper"])
+    assert not torch.allclose(out["trial"][0], out["full"][0], atol=1e-3), "the trial's kernel should matter"
 
 
 def test_kernel_peaks_at_its_position_and_is_zero_beyond_its_width():

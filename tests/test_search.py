@@ -184,8 +184,9 @@ def test_search_writes_its_front_the_chosen_edit_and_resumes_without_repeating_t
 def test_the_evaluation_stages_read_the_chosen_trial_with_eval_edit_search(selected):
     overrides = _search_overrides()
     run_stages(selected, "search", **overrides)
-    run_stages(selected, "completions", "refusal", "orthogonalize", **overrides, **{"eval.edit": "search"})
-    assert json.loads((selected / "metrics" / "refusal.json").read_text())["refusal_rate"]
+    trial = {"eval.edit": "search", "eval.conditions.harmful_recorded": "{prompts: harmful, intervention: recorded}"}
+    run_stages(selected, "completions", "refusal", "orthogonalize", **overrides, **trial)
+    assert "harmful_recorded" in json.loads((selected / "metrics" / "refusal.json").read_text())["refusal_rate"]
     chosen = json.loads((selected / "metrics" / "search.json").read_text())["chosen"]
     ortho = json.loads((selected / "metrics" / "orthogonalize.json").read_text())
     assert ortho["intervention"] == chosen["intervention"]  # orthogonalize.intervention=auto folds the trial's
