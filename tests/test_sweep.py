@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import wandb
 import yaml
 from omegaconf import OmegaConf
 
@@ -106,6 +107,7 @@ def test_direction_methods_are_compared_on_one_model_in_one_table_and_in_wandb(t
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the project's conf/ gives the tracking settings
     compare_main([str(sweep), "--out", str(tmp_path / "comparison"), "--wandb"])
     assert (tmp_path / "comparison" / "comparison.md").exists()
+    wandb.teardown()  # the W&B service writes the run file after finish() returns; teardown waits for it
     (run_file,) = (tmp_path / "wandb").rglob("run-*.wandb")
     logged = {"/".join(item.nested_key or [item.key]) for r in records(run_file) if r.HasField("history")
               for item in r.history.item}
