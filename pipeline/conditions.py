@@ -27,17 +27,31 @@ def check_set_name(name: str) -> None:
         raise ConfigError(f"eval.sets.{name}: the names {', '.join(RESERVED_SET_NAMES)} are taken", "rename the set")
 
 
-def eval_conditions(conditions: DictConfig, sets: DictConfig) -> dict[str, tuple[str, str]]:
-    """``{condition: (prompt set, intervention name)}``: ``eval.conditions``, then ``<set>_<intervention>``
-    for each intervention of each extra evaluation set in ``eval.sets``."""
+def with_compared(interventions: Iterable[str], compared: Iterable[str]) -> list[str]:
+    """A stage's configured interventions, then the references of ``eval.compared`` it lacks."""
+    return list(dict.fromkeys([*interventions, *compared]))
+
+
+def eval_conditions(conditions: DictConfig, sets: DictConfig,
+                    compared: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
+    """``{condition: (prompt set, intervention name)}``: ``eval.conditions``; ``harmful_<reference>`` for each
+    reference of ``eval.compared`` (another edit's intervention, e.g. ``recorded@search``) that no harmful
+    condition evaluates yet; then ``<set>_<intervention>`` for each intervention of each extra evaluation set
+    in ``eval.sets``, compared references included."""
     out = {name: (c.prompts, c.intervention) for name, c in conditions.items()}
+    for reference in compared:
+        if ("harmful", reference) not in out.values():
+            if f"harmful_{reference}" in out:
+                raise ConfigError(f"eval.compared adds condition harmful_{reference}, which eval.conditions has "
+                                  "with another intervention", "rename that condition")
+            out[f"harmful_{reference}"] = ("harmful", reference)
     bad = [name for name, (prompts, _) in out.items() if prompts not in (*PROMPT_SETS, *sets)]
     if bad:
         raise ConfigError(f"eval.conditions {bad}: prompts must be one of {(*PROMPT_SETS, *sets)}",
                           "fix conf/eval, or add the set to eval.sets")
     for name, spec in sets.items():
         check_set_name(name)
-        for intervention in spec.interventions:
+        for intervention in with_compared(spec.interventions, compared):
             condition = f"{name}_{intervention}"
             if condition in out:
                 raise ConfigError(f"eval.sets.{name} makes condition {condition!r}, which eval.conditions has",

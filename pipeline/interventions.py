@@ -9,6 +9,8 @@ instead of a basis.
 
 Adding one: a function here (or in any module imported by the stages) decorated with ``@register``,
 and its name in ``eval.conditions`` / ``eval.loss.interventions`` / ``eval.over_refusal.interventions``.
+There a name applies with the edit record of ``eval.edit``; ``<name>@<stage>`` (e.g. ``recorded@search``)
+applies with the record of that stage instead (``Edits``).
 
 * ``baseline``: the unmodified model.
 * ``ablation``: the paper's directional ablation: every direction of the edit projected out at every
@@ -33,16 +35,18 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.edit import Edit
+from pipeline.edit import Edit, edit_files, load_edit
 from pipeline.errors import ConfigError
 from pipeline.hooks import activation_addition, directional_ablation, weighted_ablation
 from pipeline.models.adapters import ModelAdapter
 from pipeline.weight_edits import edited_in_place, fold_ablation
 
+EDIT_SOURCES = ("select", "search")  # the stages whose edit records an intervention reference may name
 Hooks = Callable[[nn.Module, ModelAdapter, Edit, bool], AbstractContextManager]
 Fold = Callable[[nn.Module, ModelAdapter, Edit], bool]
 
@@ -84,11 +88,24 @@ def get_intervention(name: str) -> Intervention:
     return INTERVENTIONS[name]
 
 
-def check_names(names, where: str) -> None:
-    """Fail before any work if a configured intervention is not registered."""
-    unknown = [n for n in names if n not in INTERVENTIONS]
+def split_reference(reference: str, default: str) -> tuple[str, str]:
+    """An intervention as the evaluation configs name it: ``ablation`` applies with the edit record of
+    ``default`` (``eval.edit``), ``recorded@search`` with the record of the stage after ``@``, so one run
+    evaluates two edits (the paper's and a search's chosen trial) side by side."""
+    name, _, source = reference.partition("@")
+    return name, source or default
+
+
+def check_names(references, where: str) -> None:
+    """Fail before any work if a configured intervention is not registered or names an unknown edit source."""
+    split = [split_reference(r, "select") for r in references]
+    unknown = [r for r, (name, _) in zip(references, split) if name not in INTERVENTIONS]
     if unknown:
         raise ConfigError(f"unknown intervention(s) {unknown} in {where}", f"use some of: {', '.join(INTERVENTIONS)}")
+    bad = [r for r, (_, source) in zip(references, split) if source not in EDIT_SOURCES]
+    if bad:
+        raise ConfigError(f"{bad} in {where} name an edit record no stage writes",
+                          f"write <intervention>@<stage> with a stage of: {', '.join(EDIT_SOURCES)}")
 
 
 def recorded_name(provenance: dict) -> str:
@@ -104,6 +121,28 @@ def folded_name(configured: str, provenance: dict) -> str:
 def apply(lm, name: str, edit: Edit, stacked: bool = False) -> AbstractContextManager:
     """Intervention ``name`` with ``edit`` on a loaded model, for the duration of a ``with`` block."""
     return get_intervention(name)(lm.model, lm.adapter, edit, stacked)
+
+
+class Edits:
+    """The edit records a stage's intervention references need (``split_reference``), by source stage."""
+
+    def __init__(self, lm, records: dict[str, Edit], default: str) -> None:
+        self.lm, self.records, self.default = lm, records, default
+
+    @classmethod
+    def load(cls, lm, references, default: str) -> Edits:
+        """Each record the references name (and ``default``'s) loaded once and checked against ``lm``."""
+        sources = dict.fromkeys([default, *(split_reference(r, default)[1] for r in references)])
+        return cls(lm, {source: load_edit(lm, source) for source in sources}, default)
+
+    def files(self) -> list[Path]:
+        """Every loaded record's files (for checkpoints that must not outlive a changed record)."""
+        return [path for source in self.records for path in edit_files(source)]
+
+    def apply(self, reference: str) -> AbstractContextManager:
+        """The referenced intervention with its edit record, for the duration of a ``with`` block."""
+        name, source = split_reference(reference, self.default)
+        return apply(self.lm, name, self.records[source])
 
 
 @contextlib.contextmanager

@@ -31,6 +31,16 @@ def test_each_set_adds_one_condition_per_intervention_on_its_own_prompts():
     assert eval_conditions(conditions, sets)["x"] == ("extra", "addition")  # a condition may name a set
 
 
+def test_a_compared_edit_is_evaluated_on_the_harmful_test_prompts_and_on_every_set():
+    sets = OmegaConf.create({"extra": _set()})
+    assert eval_conditions(CONDITIONS, sets, ["recorded@search"]) == {
+        "harmful_baseline": ("harmful", "baseline"), "harmful_recorded@search": ("harmful", "recorded@search"),
+        "extra_baseline": ("extra", "baseline"), "extra_ablation": ("extra", "ablation"),
+        "extra_recorded@search": ("extra", "recorded@search")}
+    already = OmegaConf.create({"trial": {"prompts": "harmful", "intervention": "recorded@search"}})
+    assert list(eval_conditions(already, OmegaConf.create({}), ["recorded@search"])) == ["trial"]
+
+
 @pytest.mark.parametrize("sets, conditions, match", [
     ({}, {"x": {"prompts": "extra", "intervention": "baseline"}}, "prompts must be one of"),
     ({"harmful": _set()}, {}, "the names harmful, harmless, index are taken"),

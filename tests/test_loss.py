@@ -9,6 +9,7 @@ from conftest import PROMPTS
 from pipeline.checkpoint import Checkpoint
 from pipeline.edit import Edit
 from pipeline.inference import text_sequences
+from pipeline.interventions import Edits
 from pipeline.stages.loss import sample_cross_entropies
 from pipeline.stats import ratio_interval
 
@@ -34,16 +35,16 @@ def _loss_cfg(**overrides):
 def scoring(tiny_lm):
     lm = tiny_lm("qwen2")
     edit = Edit.of(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)), 1, lm.n_layers)
-    return lm, edit, text_sequences(lm.tokenizer, PROMPTS * 2, 32)
+    return lm, Edits(lm, {"select": edit}, "select"), text_sequences(lm.tokenizer, PROMPTS * 2, 32)
 
 
 def test_the_ce_sample_stops_once_every_change_is_known_closely_enough(scoring, tmp_path):
-    lm, edit, sequences = scoring
+    lm, edits, sequences = scoring
     names = ["baseline", "ablation", "addition"]
-    loose = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=1e9), "text",
+    loose = sample_cross_entropies(lm, edits, names, sequences, (), _loss_cfg(ci_halfwidth=1e9), "text",
                                    Checkpoint(tmp_path / "loose"))
     assert loose["n_sequences"] == 2 and loose["n_available"] == len(sequences) > 2
-    full = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=None), "text",
+    full = sample_cross_entropies(lm, edits, names, sequences, (), _loss_cfg(ci_halfwidth=None), "text",
                                   Checkpoint(tmp_path / "full"))
     assert full["n_sequences"] == len(sequences)
     for name in ("ablation", "addition"):
@@ -52,8 +53,8 @@ def test_the_ce_sample_stops_once_every_change_is_known_closely_enough(scoring, 
 
 
 def test_ce_scored_in_rounds_equals_ce_scored_at_once(scoring, tmp_path):
-    lm, edit, sequences = scoring
-    rounds = sample_cross_entropies(lm, edit, ["baseline"], sequences, (), _loss_cfg(ci_halfwidth=None), "text",
+    lm, edits, sequences = scoring
+    rounds = sample_cross_entropies(lm, edits, ["baseline"], sequences, (), _loss_cfg(ci_halfwidth=None), "text",
                                     Checkpoint(tmp_path))
     at_once = lm.runner(64, progress=False).response_nll(sequences, ())
     expected = sum(n for n, _ in at_once) / sum(c for _, c in at_once)
@@ -65,9 +66,9 @@ class Killed(Exception):
 
 
 def test_a_killed_ce_scoring_resumes_from_its_finished_chunks(scoring, tmp_path, monkeypatch):
-    lm, edit, sequences = scoring
+    lm, edits, sequences = scoring
     names, cfg = ["baseline", "ablation"], _loss_cfg(ci_halfwidth=None)
-    uninterrupted = sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", Checkpoint(tmp_path / "a"))
+    uninterrupted = sample_cross_entropies(lm, edits, names, sequences, (), cfg, "text", Checkpoint(tmp_path / "a"))
 
     store, real, calls, killed = Checkpoint(tmp_path / "b"), type(lm.runner(1)).response_nll, [], []
 
@@ -80,11 +81,11 @@ def test_a_killed_ce_scoring_resumes_from_its_finished_chunks(scoring, tmp_path,
 
     monkeypatch.setattr(type(lm.runner(1)), "response_nll", dies_on_the_third_chunk)
     with pytest.raises(Killed):
-        sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", store)
+        sample_cross_entropies(lm, edits, names, sequences, (), cfg, "text", store)
     assert store.count() == 2  # the first chunk, under both interventions
 
     calls.clear()
-    resumed = sample_cross_entropies(lm, edit, names, sequences, (), cfg, "text", store)
+    resumed = sample_cross_entropies(lm, edits, names, sequences, (), cfg, "text", store)
     assert len(calls) == 2 * (-(-len(sequences) // cfg.min_documents) - 1)  # every chunk but the first
     assert resumed == uninterrupted
 
@@ -92,16 +93,16 @@ def test_a_killed_ce_scoring_resumes_from_its_finished_chunks(scoring, tmp_path,
 def test_each_change_gets_the_documents_its_own_interval_needs(scoring, tmp_path):
     """An intervention whose change is known closely enough stops being scored; the others go on, and each
     change is against the baseline on the same documents."""
-    lm, edit, sequences = scoring
+    lm, edits, sequences = scoring
     names = ["baseline", "ablation", "addition"]
-    first = sample_cross_entropies(lm, edit, names, sequences[:2], (), _loss_cfg(ci_halfwidth=None), "text",
+    first = sample_cross_entropies(lm, edits, names, sequences[:2], (), _loss_cfg(ci_halfwidth=None), "text",
                                    Checkpoint(tmp_path / "first"))
     halfwidth = {name: (first[f"ci95_delta_{name}"][1] - first[f"ci95_delta_{name}"][0]) / 2
                  for name in ("ablation", "addition")}
     narrow, wide = sorted(halfwidth, key=halfwidth.get)
     assert halfwidth[narrow] < halfwidth[wide]
     target = float(halfwidth[narrow] + halfwidth[wide]) / 2
-    out = sample_cross_entropies(lm, edit, names, sequences, (), _loss_cfg(ci_halfwidth=target), "text",
+    out = sample_cross_entropies(lm, edits, names, sequences, (), _loss_cfg(ci_halfwidth=target), "text",
                                  Checkpoint(tmp_path / "sized"))
     assert out[f"n_sequences_{narrow}"] == 2 < out[f"n_sequences_{wide}"] == out["n_sequences"]
     assert out[f"delta_{narrow}"] == first[f"delta_{narrow}"]

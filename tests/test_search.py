@@ -18,6 +18,7 @@ from pipeline import search
 from pipeline.edit import Edit, read_edit
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.generation import complete
+from pipeline.interventions import check_names
 from pipeline.refusal import is_refusal, kl_divergence
 
 # No pruning (a random tiny model refuses nothing, so every trial after the first would be dominated, and
@@ -190,6 +191,33 @@ def test_the_evaluation_stages_read_the_chosen_trial_with_eval_edit_search(selec
     chosen = json.loads((selected / "metrics" / "search.json").read_text())["chosen"]
     ortho = json.loads((selected / "metrics" / "orthogonalize.json").read_text())
     assert ortho["intervention"] == chosen["intervention"]  # orthogonalize.intervention=auto folds the trial's
+
+
+def test_one_run_evaluates_the_chosen_trial_next_to_the_papers_edit(selected):
+    """``eval.compared=[recorded@search]`` (what search=optuna sets) applies the search's record while every
+    plain name keeps the paper's: the trial's completions are exactly those of an ``eval.edit=search`` run,
+    and refusal, loss, over-refusal and the report carry both edits side by side."""
+    overrides = _search_overrides()
+    run_stages(selected, "search", **overrides)
+    run_stages(selected, "completions", **overrides, **{
+        "eval.edit": "search", "eval.conditions": "{harmful_recorded: {prompts: harmful, intervention: recorded}}"})
+    alone = json.loads((selected / "artifacts" / "completions" / "harmful_recorded.json").read_text())
+    both = {"eval.compared": "[recorded@search]", "tracking.wandb.mode": "disabled"}
+    run_stages(selected, "completions", "refusal", "loss", "over_refusal", "report", **overrides, **both)
+    trial = json.loads((selected / "artifacts" / "completions" / "harmful_recorded@search.json").read_text())
+    assert trial == alone
+    rates = json.loads((selected / "metrics" / "refusal.json").read_text())["refusal_rate"]
+    assert {"harmful_ablation", "harmful_recorded@search"} <= set(rates)
+    kl = json.loads((selected / "metrics" / "loss.json").read_text())["kl_harmless_test"]
+    assert {"ablation", "recorded@search"} <= set(kl) and kl["ablation"] != kl["recorded@search"]
+    over = json.loads((selected / "metrics" / "over_refusal.json").read_text())["refusal_rate"]
+    assert {"baseline", "ablation", "recorded@search"} <= set(over)
+    assert "| recorded@search |" in (selected / "reports" / "summary.md").read_text()
+
+
+def test_an_intervention_reference_to_a_stage_without_edit_records_says_which_to_name():
+    with pytest.raises(ConfigError, match=r"\['ablation@filter'\] in eval.loss.interventions"):
+        check_names(["baseline", "ablation@filter"], "eval.loss.interventions")
 
 
 def test_trials_over_the_kl_cap_are_pruned_before_generating_and_count_against_the_budget(selected):

@@ -2,7 +2,8 @@
 
 A condition (``eval.conditions``) is a test prompt set (``harmful`` / ``harmless``, or an extra
 evaluation set of ``eval.sets``, each of which adds its own conditions) and a registered
-intervention (``pipeline.interventions``) applied with the edit record of the ``select`` stage: by
+intervention (``pipeline.interventions``) applied with the edit record of ``eval.edit`` (or of the stage
+a ``<intervention>@<stage>`` reference names): by
 default the harmful test prompts under baseline, the paper's ablation, its projected and norm-preserving
 variants and activation subtraction, the harmless ones under baseline and activation addition. The
 number of new tokens is ``eval.max_new_tokens`` (the paper used 512; the CPU default only needs enough
@@ -19,9 +20,8 @@ from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions, prompt_files, read_prompts
-from pipeline.edit import edit_files, load_edit
 from pipeline.generation import complete, stop_phrases
-from pipeline.interventions import apply, check_names
+from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
 from pipeline.stages.common import instructions
@@ -29,16 +29,16 @@ from pipeline.stages.common import instructions
 log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> None:
-    todo = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    todo = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     check_names([name for _, name in todo.values()], "eval.conditions")
     stop_at = stop_phrases(cfg.eval.stop_policy, cfg.eval.refusal_substrings)
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm, cfg.eval.edit)
+    edits = Edits.load(lm, [name for _, name in todo.values()], cfg.eval.edit)
     inputs = prompt_files(side for side, _ in todo.values())
-    checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edit_files(cfg.eval.edit)])
+    checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edits.files()])
     for condition, (side, name) in todo.items():
         records = read_prompts(side)
-        with apply(lm, name, edit):
+        with edits.apply(name):
             responses = complete(lm, instructions(records), cfg.eval.max_new_tokens, cfg.eval.batch_size, condition,
                                  checkpoint.scope(condition), stop_at)
         write_json(paths.completions(condition), [

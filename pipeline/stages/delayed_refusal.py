@@ -20,10 +20,9 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions, prompt_files, read_prompts
 from pipeline.delayed_refusal import changed_shares, shortest_stable_budget, verdicts_by_budget
-from pipeline.edit import edit_files, load_edit
 from pipeline.errors import ConfigError
 from pipeline.generation import completion_tokens, decode
-from pipeline.interventions import apply
+from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
 from pipeline.refusal import is_refusal
@@ -45,25 +44,26 @@ def budgets(cfg: DictConfig) -> list[int]:
 
 def run(cfg: DictConfig) -> None:
     settings = cfg.eval.delayed_refusal
-    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     missing = [c for c in settings.conditions if c not in conditions]
     if missing:
         raise ConfigError(f"eval.delayed_refusal.conditions {missing} are not in eval.conditions",
                           f"use some of: {', '.join(conditions)}")
     if settings.n_prompts < 1:
         raise ConfigError(f"eval.delayed_refusal.n_prompts={settings.n_prompts}", "use at least 1")
+    check_names([conditions[c][1] for c in settings.conditions], "eval.conditions")
     cuts = budgets(cfg)
     substrings = list(cfg.eval.refusal_substrings)
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm, cfg.eval.edit)
+    edits = Edits.load(lm, [conditions[c][1] for c in settings.conditions], cfg.eval.edit)
     inputs = prompt_files(conditions[c][0] for c in settings.conditions)
-    checkpoint = Checkpoint.open("delayed_refusal", cfg, [*inputs, *edit_files(cfg.eval.edit)])
+    checkpoint = Checkpoint.open("delayed_refusal", cfg, [*inputs, *edits.files()])
     verdicts: dict[str, dict[int, list[bool]]] = {}
     rows = []
     for condition in settings.conditions:
         side, name = conditions[condition]
         records = read_prompts(side)[: settings.n_prompts]
-        with apply(lm, name, edit):
+        with edits.apply(name):
             tokens = completion_tokens(lm, lm.encode(instructions(records)), settings.max_new_tokens,
                                        cfg.eval.batch_size, f"{condition} to {settings.max_new_tokens} tokens",
                                        checkpoint.scope(condition), substrings)

@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
-from pipeline.edit import edit_files, load_edit
+from pipeline.conditions import with_compared
 from pipeline.errors import ConfigError
 from pipeline.generation import complete
-from pipeline.interventions import apply, check_names
+from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
 from pipeline.stance import interleaved, load_questions, question_file, stance, summarize
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> None:
     settings = cfg.eval.false_premise
-    check_names(settings.interventions, "eval.false_premise.interventions")
-    if "baseline" not in settings.interventions:
+    names = with_compared(settings.interventions, cfg.eval.compared)
+    check_names(names, "eval.false_premise.interventions / eval.compared")
+    if "baseline" not in names:
         raise ConfigError(f"eval.false_premise.interventions {list(settings.interventions)} lacks baseline",
                           "add baseline: every other intervention is compared with it")
     if settings.n_questions is not None and settings.n_questions < 1:
@@ -41,11 +42,11 @@ def run(cfg: DictConfig) -> None:
     source = question_file(settings.source)
     questions = interleaved(load_questions(source), settings.n_questions)
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm, cfg.eval.edit)
-    checkpoint = Checkpoint.open("false_premise", cfg, [source, *edit_files(cfg.eval.edit)])
+    edits = Edits.load(lm, names, cfg.eval.edit)
+    checkpoint = Checkpoint.open("false_premise", cfg, [source, *edits.files()])
     answers: dict[str, list[dict]] = {}
-    for name in settings.interventions:
-        with apply(lm, name, edit):
+    for name in names:
+        with edits.apply(name):
             found = complete(lm, [q["question"] for q in questions], settings.max_new_tokens, cfg.eval.batch_size,
                              f"false premise {name}", checkpoint.scope(name))
         answers[name] = [{"id": q["id"], "kind": q["kind"], "question": q["question"], "answer": text,

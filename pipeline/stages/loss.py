@@ -1,6 +1,7 @@
 """Stage ``loss``: does an intervention damage ordinary language modelling?
 
-For every intervention in ``eval.loss.interventions`` (with the ``select`` stage's edit record):
+For every intervention in ``eval.loss.interventions`` (with the edit record of ``eval.edit``, or of the stage
+an ``<intervention>@<stage>`` reference names):
 
 * cross-entropy (nats per token) on two kinds of text, as in the paper: general text
   (``eval.loss.text``; the paper used the Pile) and the model's own baseline completions of harmless
@@ -26,11 +27,11 @@ from tqdm.auto import tqdm
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
+from pipeline.conditions import with_compared
 from pipeline.data_sources import load_texts
-from pipeline.edit import edit_files, load_edit
 from pipeline.errors import ConfigError
 from pipeline.inference import text_sequences
-from pipeline.interventions import apply, check_names
+from pipeline.interventions import Edits, check_names
 from pipeline.io import read_json, write_json
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.refusal import kl_divergence
@@ -51,7 +52,7 @@ def within(interval: tuple[float, float] | None, halfwidth: float) -> bool:
     return interval is not None and (interval[1] - interval[0]) / 2 <= halfwidth
 
 
-def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, prefix, loss_cfg: DictConfig,
+def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequences, prefix, loss_cfg: DictConfig,
                            corpus: str, store: Checkpoint) -> dict:
     """CE of each intervention on a growing prefix of ``sequences``, with its change from the baseline on the
     same documents and that change's interval over documents. An intervention stops being scored once its
@@ -74,7 +75,7 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
                 rows = store.get(key)
                 restored += rows is not None
                 if rows is None:
-                    with apply(lm, name, edit):
+                    with edits.apply(name):
                         rows = runner.response_nll(chunk, prefix)
                     store.put(key, rows)
                 scored[name] += [tuple(row) for row in rows]
@@ -110,12 +111,12 @@ def sample_cross_entropies(lm: LoadedModel, edit, names: list[str], sequences, p
 
 def run(cfg: DictConfig) -> None:
     loss_cfg = cfg.eval.loss
-    names = list(loss_cfg.interventions)
-    check_names(names, "eval.loss.interventions")
+    names = with_compared(loss_cfg.interventions, cfg.eval.compared)
+    check_names(names, "eval.loss.interventions / eval.compared")
     if "baseline" not in names:
         raise ConfigError("eval.loss.interventions lacks baseline", "add baseline: deltas and KL are against it")
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm, cfg.eval.edit)
+    edits = Edits.load(lm, names, cfg.eval.edit)
     docs = load_texts(loss_cfg.text, loss_cfg.max_documents)
     corpora = {
         "general_text": (text_sequences(lm.tokenizer, docs, loss_cfg.max_length), ()),
@@ -124,22 +125,22 @@ def run(cfg: DictConfig) -> None:
             lm.chat.prefix_ids,
         ),
     }
-    checkpoint = Checkpoint.open("loss", cfg, [paths.completions("harmless_baseline"), *edit_files(cfg.eval.edit)])
+    checkpoint = Checkpoint.open("loss", cfg, [paths.completions("harmless_baseline"), *edits.files()])
     metrics: dict[str, dict[str, float]] = {}
     for corpus, (sequences, prefix) in corpora.items():
         if not sequences:
             log.warning("%s: nothing to score (all responses empty?); skipping its CE loss", corpus)
             metrics[corpus] = {"n_sequences": 0}
             continue
-        metrics[corpus] = sample_cross_entropies(lm, edit, names, sequences, prefix, loss_cfg, corpus,
+        metrics[corpus] = sample_cross_entropies(lm, edits, names, sequences, prefix, loss_cfg, corpus,
                                                  checkpoint.scope(corpus))
-    kl = first_token_kl(lm, edit, names, instructions(read_split("data", "harmless", "test")), cfg.runtime.batch_size)
+    kl = first_token_kl(lm, edits, names, instructions(read_split("data", "harmless", "test")), cfg.runtime.batch_size)
     write_json(paths.metrics("loss"), {"ce_loss": metrics, "kl_harmless_test": kl})
     checkpoint.clear()
     log.info("CE loss: %s; first-token KL on harmless test prompts: %s", metrics, kl)
 
 
-def first_token_kl(lm: LoadedModel, edit, names: list[str], texts: list[str], batch_size) -> dict[str, float]:
+def first_token_kl(lm: LoadedModel, edits: Edits, names: list[str], texts: list[str], batch_size) -> dict[str, float]:
     """Mean KL(unedited || intervened) of the next-token distribution at the end of each prompt."""
     runner, prompts = lm.runner(batch_size, progress=False), lm.encode(texts)
     reference = runner.last_logits(prompts, lm.chat.prefix_ids)
@@ -147,7 +148,7 @@ def first_token_kl(lm: LoadedModel, edit, names: list[str], texts: list[str], ba
     for name in names:
         if name == "baseline":
             continue
-        with apply(lm, name, edit):
+        with edits.apply(name):
             logits = runner.last_logits(prompts, lm.chat.prefix_ids)
         out[name] = round(float(kl_divergence(reference, logits).mean()), 6)
     return out

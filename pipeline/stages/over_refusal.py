@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
+from pipeline.conditions import with_compared
 from pipeline.data_sources import Record, load_source
-from pipeline.edit import edit_files, load_edit
 from pipeline.errors import DataError
 from pipeline.generation import complete, stop_phrases
-from pipeline.interventions import apply, check_names
+from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
 from pipeline.refusal import is_refusal, refusal_rate
@@ -63,18 +63,19 @@ def rates_by_category(records: list[Record], flags: dict[str, list[bool]]) -> di
 
 def run(cfg: DictConfig) -> None:
     oc = cfg.eval.over_refusal
-    check_names(oc.interventions, "eval.over_refusal.interventions")
+    kinds = with_compared(oc.interventions, cfg.eval.compared)
+    check_names(kinds, "eval.over_refusal.interventions / eval.compared")
     stop_at = stop_phrases(cfg.eval.stop_policy, cfg.eval.refusal_substrings)
     records = balanced_sample(load_source(oc.source, cfg.data), oc.n_prompts, oc.seed)
     if not records:
         raise DataError("the over-refusal prompt set is empty", "check eval.over_refusal.source")
     lm = load_model(cfg.model, cfg.runtime.device)
-    edit = load_edit(lm, cfg.eval.edit)
+    edits = Edits.load(lm, kinds, cfg.eval.edit)
     substrings = list(cfg.eval.refusal_substrings)
-    checkpoint = Checkpoint.open("over_refusal", cfg, edit_files(cfg.eval.edit))
+    checkpoint = Checkpoint.open("over_refusal", cfg, edits.files())
     flags: dict[str, list[bool]] = {}
-    for kind in oc.interventions:
-        with apply(lm, kind, edit):
+    for kind in kinds:
+        with edits.apply(kind):
             responses = complete(lm, instructions(records), oc.max_new_tokens, cfg.eval.batch_size,
                                  f"over-refusal {kind}", checkpoint.scope(kind), stop_at)
         flags[kind] = [is_refusal(text, substrings) for text in responses]

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> None:
     names = list(cfg.eval.refusal.judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
-    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     files = [paths.completions(c) for c in conditions]
     completions = {c: read_json(f) for c, f in zip(conditions, files)}
     checkpoint = judge_checkpoint("refusal", cfg, files)

@@ -164,7 +164,7 @@ def refusal_by_judge(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, An
     generation changes."""
     budget = flat.get("delayed_refusal/eval_budget")
     delayed_column = f"verdicts changed, {budget} → {flat.get('delayed_refusal/long_budget')} tokens"
-    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     rows = []
     for judge in flat.get("refusal/judges") or []:
         found = f"refusal/by_judge/{judge}"
@@ -187,9 +187,10 @@ def refusal_by_judge(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, An
 
 def intervention_comparison(cfg: DictConfig, flat: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per evaluated intervention: what each evaluation stage measured for it (None where it did not)."""
-    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     names = dict.fromkeys([*(iv for _, iv in conditions.values()), *cfg.eval.loss.interventions,
-                           *cfg.eval.over_refusal.interventions, *cfg.eval.false_premise.interventions])
+                           *cfg.eval.over_refusal.interventions, *cfg.eval.false_premise.interventions,
+                           *cfg.eval.compared])
 
     def refusal(side: str, name: str, key: str = "refusal_rate/{}"):
         keys = [f"refusal/{key.format(c)}" for c, (s, iv) in conditions.items() if s == side and iv == name]
@@ -305,7 +306,7 @@ def run(cfg: DictConfig) -> None:
     run_info = {"model": cfg.model.name, "data": cfg.data.name, "direction": cfg.direction.name,
                 "select": cfg.select.name,
                 "eval": cfg.eval.name, "git": commit, "W&B": str(wandb_dir) if wandb_dir else "not logged"}
-    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     content = ReportContent(title, run_info, headline, flat, seconds, found,
                             examples(verdicts, cfg.report.n_examples, conditions),
                             {TITLES[key]: rows for key, rows in sections.items()})

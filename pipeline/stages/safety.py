@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> None:
     elif cfg.eval.stop_policy != "none":
         log.warning("eval.stop_policy=%s: the judges read completions that end at their first refusal phrase; "
                     "set eval.stop_policy=none for whole completions", cfg.eval.stop_policy)
-    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets)
+    conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     files = [paths.completions(c) for c in conditions]
     completions = {c: read_json(f) for c, f in zip(conditions, files)}
     checkpoint = judge_checkpoint("safety", cfg, files)
