@@ -98,11 +98,11 @@ def split_reference(reference: str, default: str) -> tuple[str, str]:
 
 def check_names(references, where: str) -> None:
     """Fail before any work if a configured intervention is not registered or names an unknown edit source."""
-    split = [split_reference(r, "select") for r in references]
-    unknown = [r for r, (name, _) in zip(references, split) if name not in INTERVENTIONS]
+    split = [r.partition("@") for r in references]
+    unknown = [r for r, (name, _, _) in zip(references, split) if name not in INTERVENTIONS]
     if unknown:
         raise ConfigError(f"unknown intervention(s) {unknown} in {where}", f"use some of: {', '.join(INTERVENTIONS)}")
-    bad = [r for r, (_, source) in zip(references, split) if source not in EDIT_SOURCES]
+    bad = [r for r, (_, at, source) in zip(references, split) if at and source not in EDIT_SOURCES]
     if bad:
         raise ConfigError(f"{bad} in {where} name an edit record no stage writes",
                           f"write <intervention>@<stage> with a stage of: {', '.join(EDIT_SOURCES)}")
@@ -133,6 +133,12 @@ class Edits:
     def load(cls, lm, references, default: str) -> Edits:
         """Each record the references name (and ``default``'s) loaded once and checked against ``lm``."""
         sources = dict.fromkeys([default, *(split_reference(r, default)[1] for r in references)])
+        absent = [s for s in sources if s != default and not edit_files(s)[0].exists()]
+        if absent:
+            raise ConfigError(f"the evaluation names the edit records of {absent} (`<intervention>@<stage>`, "
+                              f"eval.compared), which artifacts/ does not hold",
+                              "run that stage with its method on (the search: `-S search=optuna`), or drop the "
+                              "reference")
         return cls(lm, {source: load_edit(lm, source) for source in sources}, default)
 
     def files(self) -> list[Path]:

@@ -215,9 +215,12 @@ def test_one_run_evaluates_the_chosen_trial_next_to_the_papers_edit(selected):
     assert "| recorded@search |" in (selected / "reports" / "summary.md").read_text()
 
 
-def test_an_intervention_reference_to_a_stage_without_edit_records_says_which_to_name():
+def test_an_intervention_reference_to_a_stage_without_edit_records_says_which_to_name(selected):
     with pytest.raises(ConfigError, match=r"\['ablation@filter'\] in eval.loss.interventions"):
         check_names(["baseline", "ablation@filter"], "eval.loss.interventions")
+    run_stages(selected, "search")  # search=none: no chosen trial to compare
+    with pytest.raises(ConfigError, match=r"search=optuna"):
+        run_stages(selected, "completions", **{"eval.compared": "[recorded@search]"})
 
 
 def test_trials_over_the_kl_cap_are_pruned_before_generating_and_count_against_the_budget(selected):
