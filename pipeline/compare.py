@@ -110,10 +110,12 @@ def runs_from_dirs(roots: Iterable[Path]) -> list[Run]:
 
 
 def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
-    """Runs from ``dvc exp show --json``: the workspace, each baseline commit and its experiments.
+    """Runs from ``dvc exp show --json``: the workspace and every commit's experiments.
 
-    Queued and running experiments are left out (a running one already shows its partial metrics);
-    failed ones are listed as failed, without numbers.
+    A commit's own entry is left out: its metric files are whatever was committed with it (in a repository
+    that commits its metrics, every commit repeats its parent's run). Queued and running experiments are
+    left out (a running one already shows its partial metrics); failed ones are listed as failed, without
+    numbers.
     """
     runs = []
 
@@ -130,7 +132,8 @@ def runs_from_dvc_exp_show(records: list[dict]) -> list[Run]:
             runs.append(Run(source, params, {m: values for m, values in metrics.items() if values}))
 
     for record in records:
-        add(record)
+        if record.get("rev") == "workspace":
+            add(record)
         for group in record.get("experiments") or []:
             for rev in group.get("revs") or []:
                 add(rev, (group.get("executor") or {}).get("state"))

@@ -115,7 +115,8 @@ def test_direction_methods_are_compared_on_one_model_in_one_table_and_in_wandb(t
 
 
 def test_comparison_reads_dvc_experiments():
-    """The shape of `dvc exp show --json` (DVC 3): a baseline commit with its experiments under it."""
+    """The shape of `dvc exp show --json` (DVC 3): the workspace, then a baseline commit with its experiments
+    under it; the commit's own committed metrics are not a run."""
 
     def entry(name, model, metrics):
         files = {f"metrics/{stage}.json": {"data": values} for stage, values in metrics.items()}
@@ -137,8 +138,9 @@ def test_comparison_reads_dvc_experiments():
         }
 
     records = [
+        {**entry(None, "model-w", _metrics(0.7, 0.0, 0.0, 0.7)), "rev": "workspace"},
         {
-            **entry(None, "base", {}),
+            **entry(None, "base", _metrics(0.7, 0.0, 0.0, 0.7)),  # a commit's committed metrics: not a run
             "experiments": [
                 group("exp-one", "model-a", _metrics(0.9, 0.1, 0.0, 0.8)),
                 group("exp-two", "model-b", _metrics(0.5, 0.0, 0.0, 0.5), "success"),
@@ -149,12 +151,13 @@ def test_comparison_reads_dvc_experiments():
     ]
     runs = runs_from_dvc_exp_show(records)
     assert [(r.source, r.params["model"]["name"], r.status) for r in runs] == [
+        ("dvc:abc", "model-w", "finished"),
         ("dvc:exp-one", "model-a", "finished"),
         ("dvc:exp-two", "model-b", "finished"),
         ("dvc:exp-failed", "model-d", "failed (dvc queue logs)"),
     ]
-    assert table([Run("x", runs[0].params, runs[0].metrics)]).iloc[0].refusal_harmful_ablation == 0.1
-    assert runs[2].metrics == {}  # what `dvc exp show` reports for a failed experiment is its baseline's
+    assert table([Run("x", runs[1].params, runs[1].metrics)]).iloc[0].refusal_harmful_ablation == 0.1
+    assert runs[3].metrics == {}  # what `dvc exp show` reports for a failed experiment is its baseline's
 
 
 def _tiny_sweep_project(tmp_path: Path) -> Path:
