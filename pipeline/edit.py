@@ -144,7 +144,8 @@ def read_edit(source: str = "select") -> Edit:
     """The edit record written by stage ``source`` (not checked against a model: see ``load_edit``)."""
     tensor_file, json_file = edit_files(source)
     if not tensor_file.exists():
-        raise ConfigError(f"{tensor_file} not found", f"run the {source} stage first (`dvc repro {source}`)")
+        enable = "; the search writes one only when enabled: `-S search=optuna`" if source == "search" else ""
+        raise ConfigError(f"{tensor_file} not found", f"run the {source} stage first (`dvc repro {source}`{enable})")
     meta = read_json(json_file)
     if meta.get("version") != VERSION:
         raise ConfigError(f"{json_file} is edit-record version {meta.get('version')}, this code reads {VERSION}",

@@ -133,12 +133,6 @@ class Edits:
     def load(cls, lm, references, default: str) -> Edits:
         """Each record the references name (and ``default``'s) loaded once and checked against ``lm``."""
         sources = dict.fromkeys([default, *(split_reference(r, default)[1] for r in references)])
-        absent = [s for s in sources if s != default and not edit_files(s)[0].exists()]
-        if absent:
-            raise ConfigError(f"the evaluation names the edit records of {absent} (`<intervention>@<stage>`, "
-                              f"eval.compared), which artifacts/ does not hold",
-                              "run that stage with its method on (the search: `-S search=optuna`), or drop the "
-                              "reference")
         return cls(lm, {source: load_edit(lm, source) for source in sources}, default)
 
     def files(self) -> list[Path]:

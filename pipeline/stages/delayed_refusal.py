@@ -51,11 +51,12 @@ def run(cfg: DictConfig) -> None:
                           f"use some of: {', '.join(conditions)}")
     if settings.n_prompts < 1:
         raise ConfigError(f"eval.delayed_refusal.n_prompts={settings.n_prompts}", "use at least 1")
-    check_names([conditions[c][1] for c in settings.conditions], "eval.conditions")
+    names = [conditions[c][1] for c in settings.conditions]
+    check_names(names, "eval.conditions")
     cuts = budgets(cfg)
     substrings = list(cfg.eval.refusal_substrings)
     lm = load_model(cfg.model, cfg.runtime.device)
-    edits = Edits.load(lm, [conditions[c][1] for c in settings.conditions], cfg.eval.edit)
+    edits = Edits.load(lm, names, cfg.eval.edit)
     inputs = prompt_files(conditions[c][0] for c in settings.conditions)
     checkpoint = Checkpoint.open("delayed_refusal", cfg, [*inputs, *edits.files()])
     verdicts: dict[str, dict[int, list[bool]]] = {}
