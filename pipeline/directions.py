@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from pipeline import paths
 from pipeline.checkpoint import Checkpoint
@@ -41,8 +42,8 @@ from pipeline.interventions import apply
 from pipeline.io import load_tensors, read_json
 from pipeline.models.loading import LoadedModel
 from pipeline.refusal import kl_divergence, refusal_scores
-from pipeline.selection import Halving, Rules, choose, score_candidates, score_table
-from pipeline.stages.activations import mean_activations
+from pipeline.selection import Halving, Rules, choose, chunks, layer_groups, score_candidates, score_table
+from pipeline.stages.activations import site_means
 from pipeline.stages.common import instructions, read_split
 
 
@@ -138,7 +139,7 @@ def site_activations(lm: LoadedModel, texts: list[str], position: int, layer: in
         if site == layer:
             rows.append(resid[:, position].double().cpu())
 
-    with residual_recorder(lm.model, lm.adapter, record):  # read_passes runs each prompt whole, no prefix cache
+    with residual_recorder(lm.model, lm.adapter, record, until=layer):  # each prompt whole, no prefix cache
         order = lm.runner(batch_size).read_passes(lm.encode(texts), lambda indices: rows.pop().unbind(0),
                                                   desc=f"activations at layer {layer}")
     return torch.stack(order)
@@ -212,15 +213,35 @@ def low_similarity_layers(harmful_mean: torch.Tensor, harmless_mean: torch.Tenso
     return sorted(sorted(inner, key=lambda layer: float(cosine[layer]))[:count])
 
 
-def agreement(means: torch.Tensor, target: torch.Tensor, layers: list[int]) -> float:
-    """Mean cosine between ``means`` and ``target`` ``[positions, sites, d]`` over every position at ``layers``."""
-    return float(torch.nn.functional.cosine_similarity(means[:, layers].double(), target[:, layers].double(),
-                                                       dim=-1).mean())
+def agreement(means: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean cosine between ``means`` and ``target`` (``[positions, layers, d]``) over every position and layer."""
+    return float(torch.nn.functional.cosine_similarity(means.double(), target.double(), dim=-1).mean())
+
+
+def cosmic_agreements(lm: LoadedModel, candidates: torch.Tensor, todo: list[tuple[int, int]], intervention: str,
+                      texts: list[str], target: torch.Tensor, layers: list[int], batch_size: int, per_pass: int,
+                      store: Checkpoint) -> dict[tuple[int, int], float]:
+    """For each candidate ``(position, layer)``: ``agreement`` of ``texts``' mean activations at ``layers``, with
+    the candidate applied as ``intervention``, with ``target`` ``[positions, sites, d]`` (read at ``layers``).
+    ``per_pass`` candidates are stacked into one forward pass (of one layer each for ``addition``), which
+    stops at the last of ``layers``. Each value is checkpointed under ``cosmic/<intervention>/<pos>/<layer>``."""
+    key = "cosmic/{}/{}/{}".format
+    out = {c: store.get(key(intervention, *c)) for c in todo}
+    left = [c for c in todo if out[c] is None]
+    groups = layer_groups(left, per_pass) if intervention == "addition" else chunks(left, per_pass)
+    for group in tqdm(groups, desc=f"cosmic: {intervention}"):
+        edit = Edit.of(torch.stack([candidates[c] for c in group]), group[0][1], lm.n_layers)
+        with apply(lm, intervention, edit, stacked=True):
+            means = site_means(lm, texts, batch_size, layers, copies=len(group), desc=f"cosmic: {intervention}")
+        for c, copy in zip(group, means):
+            out[c] = agreement(copy, target[:, layers])
+            store.put(key(intervention, *c), out[c])
+    return out
 
 
 @register("cosmic")
 def cosmic(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
-    """COSMIC's selection (see module docstring); each candidate's score is checkpointed as it is known."""
+    """COSMIC's selection (see module docstring); each candidate's scores are checkpointed as they are known."""
     candidates = load_tensors(paths.stage_dir("directions") / "candidates.safetensors")["directions"]
     labels = read_json(paths.stage_dir("directions") / "candidates.json")["labels"]
     means = load_tensors(paths.stage_dir("activations") / "means.safetensors")
@@ -228,26 +249,26 @@ def cosmic(cfg: DictConfig, lm: LoadedModel, store: Checkpoint) -> MethodResult:
     harmful, harmless = val_instructions()
     rules = Rules.from_config(cfg.select)
     n_pos, n_sites, _ = candidates.shape
-    rows = []
+    rows, todo = [], []
     for layer in range(n_sites):
         for pos in range(n_pos):
-            direction = candidates[pos, layer]
             row = {"position": pos - n_pos, "position_label": labels[pos], "layer": layer, "cosmic_score": math.nan}
-            if not rules.layer_allowed(layer, lm.n_layers) or not direction.norm() > 0:
-                rows.append({**row, "status": "late_layer" if direction.norm() > 0 else "zero_direction"})
-                continue
-            score = store.get(f"cosmic/{pos}/{layer}")
-            if score is None:
-                edit = Edit.of(direction, layer, lm.n_layers)
-                with apply(lm, "ablation", edit):
-                    comply = agreement(mean_activations(lm, harmful, cfg.runtime.batch_size, "cosmic: ablate"),
-                                       means["harmless_mean"], layers)
-                with apply(lm, "addition", edit):
-                    refuse = agreement(mean_activations(lm, harmless, cfg.runtime.batch_size, "cosmic: add"),
-                                       means["harmful_mean"], layers)
-                score = comply + refuse
-                store.put(f"cosmic/{pos}/{layer}", score)
-            rows.append({**row, "cosmic_score": score, "status": "eligible"})
+            if candidates[pos, layer].norm() == 0:
+                rows.append({**row, "status": "zero_direction"})
+            elif not rules.layer_allowed(layer, lm.n_layers):
+                rows.append({**row, "status": "late_layer"})
+            else:
+                rows.append({**row, "status": "eligible"})
+                todo.append((pos, layer))
+    per_pass, batch_size = int(cfg.select.candidates_per_pass), cfg.runtime.batch_size
+    comply = cosmic_agreements(lm, candidates, todo, "ablation", harmful, means["harmless_mean"], layers,
+                               batch_size, per_pass, store)
+    refuse = cosmic_agreements(lm, candidates, todo, "addition", harmless, means["harmful_mean"], layers,
+                               batch_size, per_pass, store)
+    for row in rows:
+        if row["status"] == "eligible":
+            c = (row["position"] + n_pos, row["layer"])
+            row["cosmic_score"] = comply[c] + refuse[c]
     table = pd.DataFrame(rows)
     eligible = table[table.status == "eligible"]
     if eligible.empty:

@@ -34,3 +34,8 @@ class SelectionError(PipelineError):
     def __init__(self, problem: str, fix: str, table=None) -> None:
         super().__init__(problem, fix)
         self.table = table
+
+
+class ForwardStopped(Exception):
+    """Raised by ``residual_recorder(..., until=site)`` (``pipeline.hooks``) once that site is recorded: the rest
+    of the forward pass is not needed. ``Runner.read_passes`` ends the pass there; nothing else sees it."""

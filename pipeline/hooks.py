@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from pipeline.errors import ForwardStopped
 from pipeline.models.adapters import ModelAdapter
 
 
@@ -173,15 +174,21 @@ def activation_addition(
 
 @contextlib.contextmanager
 def residual_recorder(
-    model: nn.Module, adapter: ModelAdapter, record: Callable[[int, torch.Tensor], None]
+    model: nn.Module, adapter: ModelAdapter, record: Callable[[int, torch.Tensor], None], until: int | None = None
 ) -> Iterator[None]:
-    """Call ``record(layer, resid)`` with the residual stream entering each block and the final norm."""
+    """Call ``record(layer, resid)`` with the residual stream entering each block and the final norm.
+
+    With ``until``, each pass stops (``ForwardStopped``) right after site ``until`` is recorded, so the
+    layers past it cost nothing; only ``Runner.read_passes`` expects that.
+    """
     sites = [*adapter.blocks(model), adapter.final_norm(model)]
     handles = []
     for layer, site in enumerate(sites):
 
         def hook(module, args, kwargs, layer=layer):
             record(layer, args[0] if args else kwargs["hidden_states"])
+            if layer == until:
+                raise ForwardStopped(layer)
 
         handles.append(site.register_forward_pre_hook(hook, with_kwargs=True))
     with _registered(handles):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.checkpoint import Checkpoint
+from pipeline.errors import ForwardStopped
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +222,23 @@ class Runner:
 
     @torch.inference_mode()
     def read_passes(self, prompts: Sequence[Sequence[int]], read: Callable[[list[int]], list],
-                    desc: str = "forward") -> list:
+                    desc: str = "forward", copies: int = 1) -> list:
         """Run every prompt once, whole (no prefix cache: hooks see every position), and return, in
         prompt order, what ``read(indices)`` gives for each forward pass: one value per row, row ``i``
         being prompt ``indices[i]``. ``read`` is called right after its pass, so hooks can hand over
-        what they recorded during it.
+        what they recorded during it. With ``copies`` > 1 each pass runs that many stacked copies of its
+        batch (copy-major, as ``last_logits_stacked``). A pass that a recorder ends early
+        (``residual_recorder(..., until=...)``) has done all that was asked of it.
         """
 
         def fn(indices, bodies, prefix_len, cache):
-            self._forward(bodies, prefix_len, cache, logits_to_keep=1)
+            try:
+                self._forward(bodies, prefix_len, cache, copies=copies, logits_to_keep=1)
+            except ForwardStopped:
+                pass  # the recorder has every site it needs; the layers past them were not wanted
             return read(indices)
 
-        return self._map_batches(prompts, (), fn, desc)
+        return self._map_batches(prompts, (), fn, desc, copies=copies)
 
     @torch.inference_mode()
     def generate(

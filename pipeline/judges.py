@@ -348,10 +348,16 @@ JUDGE_CHUNK = 64  # completions judged between checkpoint saves: a killed stage 
 def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, list[dict]], desc: str,
                      store: Checkpoint | None = None) -> dict[str, list[dict]]:
     """``judge(items, desc=...)`` over every condition's completions, its per-item results split back by
-    condition. The completions are judged in chunks of ``JUDGE_CHUNK`` across conditions (one batch schedule
-    and prefix cache per chunk); with a ``store`` each chunk's results are saved as it finishes and reused
-    on a rerun, since a model judge on CPU can take hours."""
-    flat = [item for items in completions.values() for item in items]
+    condition. A judge reads only the instruction and the response, so a pair that recurs (interventions
+    that barely differ often write the same completion for a prompt) is judged once. The distinct pairs are
+    judged in chunks of ``JUDGE_CHUNK`` across conditions (one batch schedule and prefix cache per chunk);
+    with a ``store`` each chunk's results are saved as it finishes and reused on a rerun, since a model
+    judge on CPU can take hours."""
+    distinct: dict[tuple[str, str], dict] = {}
+    for items in completions.values():
+        for item in items:
+            distinct.setdefault((item["instruction"], item["response"]), item)
+    flat = list(distinct.values())
     results: list[dict] = []
     with tqdm(total=len(flat), desc=desc, unit="completion", disable=len(flat) <= JUDGE_CHUNK) as bar:
         for start in range(0, len(flat), JUDGE_CHUNK):
@@ -363,11 +369,11 @@ def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, li
                     store.put(str(start), saved)
             results += saved
             bar.update(len(chunk))
-    out, start = {}, 0
-    for condition, items in completions.items():
-        out[condition] = results[start:start + len(items)]
-        start += len(items)
-    return out
+    found = dict(zip(distinct, results, strict=True))
+    if len(flat) < sum(map(len, completions.values())):
+        log.info("%s: %d distinct of %d completions judged", desc, len(flat), sum(map(len, completions.values())))
+    return {condition: [dict(found[item["instruction"], item["response"]]) for item in items]
+            for condition, items in completions.items()}
 
 
 def judge_checkpoint(stage: str, cfg: DictConfig, inputs: Sequence[Path]) -> Checkpoint:

@@ -151,6 +151,10 @@ def check_judges(names: Sequence[str], specs: DictConfig) -> None:
         if bad:
             raise ConfigError(f"refusal judge {name!r} maps labels to unknown verdicts {bad}",
                               f"map each label in eval.refusal_judges.{name}.labels to one of: {', '.join(VERDICTS)}")
+        per_condition = specs[name].get("per_condition")
+        if per_condition is not None and not (isinstance(per_condition, int) and per_condition > 0):
+            raise ConfigError(f"eval.refusal_judges.{name}.per_condition={per_condition!r}",
+                              "set it to a positive number of completions per condition, or null for all")
 
 
 def load_refusal_judge(name: str, spec: DictConfig, device: str) -> Callable[..., list[dict]]:
@@ -165,37 +169,47 @@ def combine(verdict: str | None, degenerate: bool) -> str | None:
 
 
 def run_judge(name: str, spec: DictConfig, completions: dict[str, list[dict]], degenerate: dict[str, list[bool]],
-              device: str, store: Checkpoint | None = None) -> dict[str, list[dict]]:
-    """One judge's record per completion, by condition: its fields, ``verdict`` after ``combine``. With a
-    ``store``, finished chunks survive a kill. The judge's model is released before returning."""
+              device: str, store: Checkpoint | None = None, per_condition: int | None = None) -> dict[str, list[dict]]:
+    """One judge's record per completion, by condition: its fields, ``verdict`` after ``combine``; with
+    ``per_condition``, only for each condition's first that many completions (the prompts are in the same
+    random order in every condition, so the records still pair up by prompt). With a ``store``, finished
+    chunks survive a kill. The judge's model is released before returning."""
+    if per_condition is not None:
+        completions = {c: items[:per_condition] for c, items in completions.items()}
     judge = load_refusal_judge(name, spec, device)
     judged = judge_conditions(judge, completions, desc=name, store=store)
     del judge
     free_memory()
-    return {c: [{**v, "verdict": combine(v["verdict"], flag)} for v, flag in zip(found, degenerate[c], strict=True)]
+    return {c: [{**v, "verdict": combine(v["verdict"], flag)}
+                for v, flag in zip(found, degenerate[c][: len(found)], strict=True)]
             for c, found in judged.items()}
 
 
-def judge_completions(cfg: DictConfig, completions: dict[str, list[dict]],
-                      checkpoint: Checkpoint | None = None) -> tuple[dict, dict]:
+def judge_completions(cfg: DictConfig, completions: dict[str, list[dict]], checkpoint: Checkpoint | None = None,
+                      whole: bool = False) -> tuple[dict, dict]:
     """How the project reads completions, by condition: the judge-free degenerate measures of each
     (``eval.refusal.degenerate``), then every judge in ``eval.refusal.judges``, a degenerate completion never
-    counted as compliance; each judge's finished chunks kept in its own scope of ``checkpoint``. Returns
-    ``(measures, {judge: records by condition})``."""
+    counted as compliance; each judge's finished chunks kept in its own scope of ``checkpoint``. A judge
+    with ``per_condition`` reads each condition's first that many completions, unless ``whole`` (the
+    labelled set is always judged whole). Returns ``(measures, {judge: records by condition})``: a sampled
+    judge's lists are shorter."""
     names = list(cfg.eval.refusal.judges)
     check_judges(names, cfg.eval.refusal_judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
     measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
     flags = {c: [m["degenerate"] for m in found] for c, found in measures.items()}
-    return measures, {name: run_judge(name, cfg.eval.refusal_judges[name], completions, flags, cfg.runtime.device,
-                                      checkpoint.scope(name) if checkpoint is not None else None)
+    specs = cfg.eval.refusal_judges
+    return measures, {name: run_judge(name, specs[name], completions, flags, cfg.runtime.device,
+                                      checkpoint.scope(name) if checkpoint is not None else None,
+                                      None if whole else specs[name].get("per_condition"))
                       for name in names}
 
 
 def verdict_records(completions: dict[str, list[dict]], measures: dict[str, list[dict]],
                     judged: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
     """Each completion with its degenerate measures, every judge's verdict (``<judge>``, other fields as
-    ``<judge>_<field>``) and ``refusal``: the first judge's verdict as a bool (None where unparsable)."""
+    ``<judge>_<field>``; absent where a sampled judge did not read it) and ``refusal``: the first judge's
+    verdict as a bool (None where unparsable or not judged)."""
     first = next(iter(judged))
     out = {}
     for condition, items in completions.items():
@@ -203,9 +217,10 @@ def verdict_records(completions: dict[str, list[dict]], measures: dict[str, list
         for k, item in enumerate(items):
             row = {**item, **measures[condition][k]}
             for name, found in judged.items():
-                v = found[condition][k]
-                row.update({name: v["verdict"], **{f"{name}_{key}": x for key, x in v.items() if key != "verdict"}})
-            row["refusal"] = None if row[first] is None else row[first] == "refusal"
+                if k < len(found[condition]):
+                    v = found[condition][k]
+                    row.update({name: v["verdict"], **{f"{name}_{key}": x for key, x in v.items() if key != "verdict"}})
+            row["refusal"] = None if row.get(first) is None else row[first] == "refusal"
             rows.append(row)
         out[condition] = rows
     return out

@@ -129,8 +129,14 @@ class Scores:
     prompt_passes: int
 
 
-def _chunks(items: list, size: int) -> list[list]:
+def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def layer_groups(cands: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """Candidates ``(position, layer)`` in groups of at most ``size``, each of one layer, to stack into one
+    forward pass: activation addition happens at the candidate's own layer."""
+    return [g for layer in sorted({c[1] for c in cands}) for g in chunks([c for c in cands if c[1] == layer], size)]
 
 
 def score_candidates(
@@ -206,23 +212,19 @@ def score_candidates(
     def ablate(directions, layer):
         return apply(lm, "ablation", Edit.of(directions, layer, lm.n_layers), stacked=True)
 
-    def by_layer(cands: list) -> list[list]:
-        """Groups of one layer each: activation addition happens at the candidate's own layer."""
-        return [g for l in range(n_sites) for g in _chunks([c for c in cands if c[1] == l], per_pass)]
-
     def induce_pass(cands: list) -> list:
         """Score induce; the candidates that pass its rule."""
-        record(evaluate(by_layer(cands), ["induce_score"], add, harmless_ids,
+        record(evaluate(layer_groups(cands, per_pass), ["induce_score"], add, harmless_ids,
                         lambda b: {"induce_score": refusal(b)}, "induce: add r on harmless"))
         return [c for c in cands if grid["induce_score"][c] >= rules.induce_threshold]
 
     def kl_pass(cands: list) -> list:
-        record(evaluate(_chunks(cands, per_pass), ["kl"], ablate, harmless_ids, lambda b: {"kl": kl(b)},
+        record(evaluate(chunks(cands, per_pass), ["kl"], ablate, harmless_ids, lambda b: {"kl": kl(b)},
                         "KL: ablate r on harmless"))
         return [c for c in cands if grid["kl"][c] <= rules.kl_threshold]
 
     def rules_first(cands: list) -> None:
-        record(evaluate(_chunks(kl_pass(induce_pass(cands)), per_pass), ["bypass_score"], ablate, harmful_ids,
+        record(evaluate(chunks(kl_pass(induce_pass(cands)), per_pass), ["bypass_score"], ablate, harmful_ids,
                         lambda b: {"bypass_score": refusal(b)}, "bypass: ablate r on harmful"))
 
     def halve(cands: list) -> list:
@@ -231,7 +233,7 @@ def score_candidates(
         sums = dict.fromkeys(cands, 0.0)
         alive = list(cands)
         for a, b in halving.rungs(len(harmful_ids)):
-            results = evaluate(_chunks(alive, per_pass), ["bypass_sum"], ablate, harmful_ids[a:b],
+            results = evaluate(chunks(alive, per_pass), ["bypass_sum"], ablate, harmful_ids[a:b],
                                lambda block: {"bypass_sum": float(refusal_scores(block, lm.refusal_ids).sum())},
                                f"bypass: ablate r on harmful {a}-{b}", key=f"@{a}:{b}")
             for c, values in results.items():
@@ -248,13 +250,13 @@ def score_candidates(
     if scoring == "exhaustive":
         induce_pass(todo)  # every candidate's induce score, whatever it is
         n = len(harmful_ids)
-        record(evaluate(_chunks(todo, per_pass), ["kl", "bypass_score"], ablate, harmful_ids + harmless_ids,
+        record(evaluate(chunks(todo, per_pass), ["kl", "bypass_score"], ablate, harmful_ids + harmless_ids,
                         lambda b: {"kl": kl(b[n:]), "bypass_score": refusal(b[:n])}, "ablate r: bypass + KL"))
     elif scoring == "rules_first":
         rules_first(todo)
     else:
         survivors = halve(todo)
-        for i, chunk in enumerate(_chunks(survivors, per_pass)):
+        for i, chunk in enumerate(chunks(survivors, per_pass)):
             if kl_pass(induce_pass(chunk)):  # the first that passes has the lowest bypass score of those left
                 unscored.update({c: NOT_NEEDED for c in survivors[(i + 1) * per_pass:]})
                 break

@@ -10,9 +10,10 @@ import torch
 
 from conftest import make_tiny_project, run_stages
 from pipeline.directions import agreement, cone_basis, low_similarity_layers, site_activations
-from pipeline.edit import read_edit
+from pipeline.edit import Edit, read_edit
 from pipeline.errors import ConfigError
-from pipeline.stages.activations import mean_activations
+from pipeline.interventions import apply
+from pipeline.stages.activations import mean_activations, site_means
 
 
 def test_the_cone_starts_with_the_paper_direction_and_adds_the_leading_principal_directions():
@@ -81,8 +82,26 @@ def test_cosmic_reads_the_layers_where_harmful_and_harmless_means_differ_most():
     harmful[:, 7] = -harmless[:, 7]  # the final norm's input is never read
     assert low_similarity_layers(harmful, harmless, share=0.1) == [5]
     assert low_similarity_layers(harmful, harmless, share=0.34) == [3, 5]
-    assert agreement(harmful, harmless, [5]) == pytest.approx(-1.0)
-    assert agreement(harmless, harmless, [1, 2, 3]) == pytest.approx(1.0)
+    assert agreement(harmful[:, [5]], harmless[:, [5]]) == pytest.approx(-1.0)
+    assert agreement(harmless[:, [1, 2, 3]], harmless[:, [1, 2, 3]]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("intervention", ["ablation", "addition"])
+def test_candidates_stacked_into_one_pass_get_the_activations_each_gets_alone(tiny_lm, intervention):
+    """COSMIC scores several candidates per forward pass, and each pass stops at the last layer it reads;
+    neither may change a candidate's mean activations."""
+    lm = tiny_lm("qwen2")
+    texts = ["Name a fruit.", "Write a haiku about autumn leaves falling slowly in the park.", "What is 7 times 8?"]
+    torch.manual_seed(0)
+    directions, layer, sites = torch.randn(3, lm.d_model), 1, [1, 2]
+    torch.testing.assert_close(site_means(lm, texts, 2, sites)[0], mean_activations(lm, texts, 2)[:, sites])
+    with apply(lm, intervention, Edit.of(directions, layer, lm.n_layers), stacked=True):
+        stacked = site_means(lm, texts, 2, sites, copies=3)
+    for direction, got in zip(directions, stacked):
+        with apply(lm, intervention, Edit.of(direction, layer, lm.n_layers)):
+            alone = site_means(lm, texts, 2, sites)[0]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stacked[0], stacked[1])  # each copy had its own candidate
 
 
 def test_direction_cosmic_chooses_without_refusal_scores_and_records_its_table(tmp_path):

@@ -50,8 +50,11 @@ def test_the_stage_scores_the_substring_judge_against_the_labels(selected_projec
     path.write_text(json.dumps({"criteria": {}, "items": [
         {"id": k, "instruction": i, "response": r, "label": label} for k, (i, r, label) in enumerate(LABELLED)]}))
     monkeypatch.setattr(judge_validation, "LABELLED", path)
-    run_stages(selected_project, "judge_validation")
+    run_stages(selected_project, "judge_validation", **{"eval.refusal.judges": ["substring", "llm"],
+                                                         "eval.refusal_judges.llm.per_condition": 2})
     metrics = json.loads((selected_project / "metrics" / "judge_validation.json").read_text())
+    rows = json.loads((selected_project / "artifacts" / "judge_validation" / "labelled_verdicts.json").read_text())
+    assert all("llm" in row for row in rows)  # a judge sampled per condition still reads every labelled completion
     substring = metrics["judges"]["substring"]
     assert metrics["n_labelled"] == 5 and substring["n"] == 5
     assert substring["accuracy"] == 0.8  # all but the quoted refusal phrase

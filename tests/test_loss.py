@@ -108,3 +108,20 @@ def test_each_change_gets_the_documents_its_own_interval_needs(scoring, tmp_path
     assert out[f"delta_{narrow}"] == first[f"delta_{narrow}"]
     for name in (narrow, wide):  # a CE and the baseline's differ by the change, whatever the sample sizes
         assert out[f"ce_{name}"] - out["ce_baseline"] == pytest.approx(out[f"delta_{name}"], abs=2e-5)
+
+
+def test_a_large_change_stops_once_its_interval_is_a_small_share_of_it(scoring, tmp_path):
+    """``ci_relative``: a change of 0.4 nats is known well enough at ±0.04, however wide that is in nats."""
+    lm, edits, sequences = scoring
+    names = ["baseline", "ablation", "addition"]
+    first = sample_cross_entropies(lm, edits, names, sequences[:2], (), _loss_cfg(ci_halfwidth=None), "text",
+                                   Checkpoint(tmp_path / "first"))
+    share = {name: (first[f"ci95_delta_{name}"][1] - first[f"ci95_delta_{name}"][0]) / 2 / abs(first[f"delta_{name}"])
+             for name in ("ablation", "addition")}
+    sure, unsure = sorted(share, key=share.get)
+    assert share[sure] < share[unsure]
+    relative = float(share[sure] + share[unsure]) / 2
+    out = sample_cross_entropies(lm, edits, names, sequences, (), _loss_cfg(ci_halfwidth=1e-9, ci_relative=relative),
+                                 "text", Checkpoint(tmp_path / "relative"))
+    assert out[f"n_sequences_{sure}"] == 2 < out[f"n_sequences_{unsure}"]
+    assert out[f"delta_{sure}"] == first[f"delta_{sure}"]

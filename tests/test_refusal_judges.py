@@ -22,6 +22,7 @@ from pipeline.refusal_judges import (
     load_refusal_judge,
 )
 from pipeline.stages import refusal
+from pipeline.stats import wilson_interval
 
 CONDITIONS = compose_config().eval.conditions
 
@@ -214,6 +215,24 @@ def test_a_repetitive_or_symbol_only_completion_is_counted_as_degenerate_never_a
     assert metrics["mcnemar_vs_baseline"]["harmful_ablation"]["p_value"] == 1.0
 
 
+def test_a_completion_repeated_across_conditions_is_judged_once():
+    """Interventions that barely differ often write the same completion; a judge reads only the instruction
+    and the response, so the pair is judged once and its verdict given to each condition."""
+    seen = []
+
+    def judge(items, desc):
+        seen.extend((i["instruction"], i["response"]) for i in items)
+        return [{"verdict": i["response"].upper()} for i in items]
+
+    completions = {"harmful_ablation": [{"instruction": "a", "response": "x"}, {"instruction": "b", "response": "y"}],
+                   "harmful_projected_ablation": [{"instruction": "a", "response": "x", "category": None},
+                                                  {"instruction": "b", "response": "z"}]}
+    judged = judges.judge_conditions(judge, completions, desc="judge")
+    assert seen == [("a", "x"), ("b", "y"), ("b", "z")]
+    assert judged == {"harmful_ablation": [{"verdict": "X"}, {"verdict": "Y"}],
+                      "harmful_projected_ablation": [{"verdict": "X"}, {"verdict": "Z"}]}
+
+
 class Killed(Exception):
     """Stands in for the process being killed half-way through a stage."""
 
@@ -277,6 +296,24 @@ def test_an_unparsable_llm_answer_is_counted_apart_not_guessed(tmp_path, monkeyp
     assert metrics["refusal_rate"]["harmful_baseline"] is None and metrics["ci95"]["harmful_baseline"] is None
     assert metrics["mcnemar_vs_baseline"]["harmful_ablation"] == {"only_first": 0, "only_second": 0, "p_value": 1.0}
     assert metrics["by_judge"]["substring"]["n"]["harmful_baseline"] == 3
+
+
+def test_a_sampled_judge_reads_each_conditions_first_completions_and_reports_their_n(tmp_path, monkeypatch, tiny_dir):
+    monkeypatch.chdir(tmp_path)
+    write_completions(tmp_path)  # 5 completions per condition
+    judge_model = model_config("qwen2", forced_judge(tmp_path, "qwen2", "refusal"))
+    refusal.run(stage_config(tiny_dir, ["substring", "llm"], **{"eval.refusal_judges.llm.model": judge_model,
+                                                                 "eval.refusal_judges.llm.max_new_tokens": 1,
+                                                                 "eval.refusal_judges.llm.per_condition": 2}))
+    metrics, verdicts = outputs(tmp_path)
+    llm, substring = metrics["by_judge"]["llm"], metrics["by_judge"]["substring"]
+    assert set(llm["n"].values()) == {2} and set(substring["n"].values()) == {5}
+    assert llm["ci95"]["harmful_baseline"] == list(wilson_interval(2, 2))  # the interval of what was judged
+    assert llm["mcnemar_vs_baseline"]["harmful_ablation"]["p_value"] == 1.0  # paired on the same two prompts
+    rows = verdicts["harmful_baseline"]
+    assert [row.get("llm") for row in rows] == ["refusal", "refusal", None, None, None]
+    assert "llm" not in rows[2] and all("substring" in row for row in rows)
+    assert metrics["n"]["harmful_baseline"] == 5  # the first judge's numbers stay whole
 
 
 def test_wildguard_refusal_judge_runs_in_the_refusal_stage(tmp_path, monkeypatch, tiny_dir):

@@ -8,6 +8,7 @@ batch of activations plus ``positions × (n_layers + 1) × d_model`` numbers, ho
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -23,30 +24,41 @@ from pipeline.stages.common import instructions, read_split
 log = logging.getLogger(__name__)
 
 
-def mean_activations(lm: LoadedModel, texts: list[str], batch_size: int, desc: str = "activations") -> torch.Tensor:
-    """Mean residual stream ``[positions, n_layers + 1, d_model]`` at the post-instruction tokens."""
+def site_means(lm: LoadedModel, texts: list[str], batch_size: int, sites: Sequence[int] | None = None,
+               copies: int = 1, desc: str = "activations") -> torch.Tensor:
+    """Mean residual stream ``[copies, positions, len(sites), d_model]`` at the post-instruction tokens, at
+    ``sites`` (default every one: each block's input and the final norm's). Each pass stops after the
+    last site asked for. With ``copies`` > 1 it runs that many stacked copies of each batch, for hooks that
+    give every copy its own edit (``apply(..., stacked=True)``): several candidates per forward pass."""
     n_pos = lm.chat.n_post_instruction
-    sums = torch.zeros(n_pos, lm.n_layers + 1, lm.d_model, dtype=torch.float64)
+    sites = list(range(lm.n_layers + 1)) if sites is None else sorted(sites)
+    column = {site: j for j, site in enumerate(sites)}
+    sums = torch.zeros(copies, n_pos, len(sites), lm.d_model, dtype=torch.float64)
     batch = torch.zeros_like(sums)
 
-    def record(layer: int, resid: torch.Tensor) -> None:
-        # a batch only counts once its forward pass reaches the last site, so a batch retried after
-        # running out of memory half-way is not counted twice
-        if layer == 0:
-            batch.zero_()
-        batch[:, layer] = resid[:, -n_pos:, :].double().sum(dim=0).cpu()
-        if layer == lm.n_layers:
-            sums.add_(batch)
+    def record(site: int, resid: torch.Tensor) -> None:
+        if site in column:
+            h = resid[:, -n_pos:, :].double()
+            batch[:, :, column[site]] = h.view(copies, -1, *h.shape[1:]).sum(dim=1).cpu()
 
-    runner = lm.runner(batch_size)
-    runner.use_prefix_cache = False  # the recorder must only see the prompts' own forward passes
-    with residual_recorder(lm.model, lm.adapter, record):
-        runner.last_logits(lm.encode(texts), desc=desc)
+    def read(indices: list[int]) -> list[None]:
+        # only a pass that reached its last site gets here, so a batch retried after running out of
+        # memory half-way is counted once
+        sums.add_(batch)
+        return [None] * len(indices)
+
+    with residual_recorder(lm.model, lm.adapter, record, until=sites[-1]):
+        lm.runner(batch_size).read_passes(lm.encode(texts), read, desc=desc, copies=copies)
     means = sums / len(texts)
     if not torch.isfinite(means).all():
         raise PipelineError("activations contain NaN or inf (float16 overflow?)",
                             "set model.dtype=bfloat16 or float32")
     return means
+
+
+def mean_activations(lm: LoadedModel, texts: list[str], batch_size: int, desc: str = "activations") -> torch.Tensor:
+    """Mean residual stream ``[positions, n_layers + 1, d_model]`` at the post-instruction tokens."""
+    return site_means(lm, texts, batch_size, desc=desc)[0]
 
 
 def run(cfg: DictConfig) -> None:

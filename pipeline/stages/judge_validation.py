@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> None:
     items = labelled_items()
     completions = {"labelled": [{"instruction": i["instruction"], "response": i["response"]} for i in items]}
     checkpoint = judge_checkpoint("judge_validation", cfg, [LABELLED])
-    _, judged = judge_completions(cfg, completions, checkpoint)
+    _, judged = judge_completions(cfg, completions, checkpoint, whole=True)
     labels = [i["label"] for i in items]
     metrics, rows = {}, [dict(i) for i in items]
     for name, by_condition in judged.items():

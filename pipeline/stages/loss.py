@@ -8,7 +8,8 @@ an ``<intervention>@<stage>`` reference names):
   prompts (scored on the response tokens after the chat prompt), with its change from the baseline
   and that change's 95% interval over documents. Documents are scored ``eval.loss.min_documents`` at a
   time; an intervention stops once its change's interval is at most ``eval.loss.ci_halfwidth`` nats
-  either side (the baseline once all have stopped; at most ``max_documents``): each figure gets the
+  either side, or ``eval.loss.ci_relative`` of the change itself (a large change is known well enough
+  sooner; the baseline stops once all have stopped; at most ``max_documents``): each figure gets the
   sample it needs, no larger, and its change is against the baseline on the same documents. Each
   chunk's scores are checkpointed, so a killed stage resumes where it stopped;
 * the KL divergence of the next-token distribution at the end of each harmless test prompt, from the
@@ -52,12 +53,17 @@ def within(interval: tuple[float, float] | None, halfwidth: float) -> bool:
     return interval is not None and (interval[1] - interval[0]) / 2 <= halfwidth
 
 
+def cross_entropy(rows: list[tuple[float, int]]) -> float:
+    """Nats per token over ``(summed nll, tokens)`` rows."""
+    return sum(n for n, _ in rows) / sum(c for _, c in rows)
+
+
 def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequences, prefix, loss_cfg: DictConfig,
                            corpus: str, store: Checkpoint) -> dict:
     """CE of each intervention on a growing prefix of ``sequences``, with its change from the baseline on the
     same documents and that change's interval over documents. An intervention stops being scored once its
     own interval is narrow enough, the baseline once every intervention has stopped (module docstring)."""
-    step, target = loss_cfg.min_documents, loss_cfg.ci_halfwidth
+    step, target, relative = loss_cfg.min_documents, loss_cfg.ci_halfwidth, loss_cfg.get("ci_relative")
     if not (isinstance(step, int) and step >= 2):
         raise ConfigError(f"eval.loss.min_documents is {step!r}", "set it to an integer of at least 2")
     runner = lm.runner(loss_cfg.batch_size, progress=False)
@@ -85,19 +91,17 @@ def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequ
                 intervals[name] = ratio_interval([a - b for (a, _), (b, _) in zip(scored[name], scored["baseline"])],
                                                  counts[: len(scored[name])])
             if target is not None:
-                pending = [n for n in pending if not within(intervals[n], target)]
+                pending = [n for n in pending if not within(intervals[n], max(target, (relative or 0) * abs(
+                    cross_entropy(scored[n]) - cross_entropy(scored["baseline"][: len(scored[n])]))))]
     if restored:
         log.info("%s: %d chunks restored from checkpoint", corpus, restored)
     n_scored = {name: len(rows) for name, rows in scored.items()}
     log.info("%s: CE scored on %s of %d documents", corpus, n_scored, len(sequences))
 
-    def ce(rows: list[tuple[float, int]]) -> float:
-        return sum(n for n, _ in rows) / sum(c for _, c in rows)
-
     # the change on an intervention's own documents, and its CE as the baseline's on all of them plus that
     # change (so ce_<k> - ce_baseline = delta_<k>, whatever the sample sizes)
-    delta = {k: ce(scored[k]) - ce(scored["baseline"][: n_scored[k]]) for k in intervals}
-    baseline = ce(scored["baseline"])
+    delta = {k: cross_entropy(scored[k]) - cross_entropy(scored["baseline"][: n_scored[k]]) for k in intervals}
+    baseline = cross_entropy(scored["baseline"])
     return {
         "ce_baseline": round(baseline, 5),
         **{f"ce_{k}": round(baseline + d, 5) for k, d in delta.items()},
