@@ -6,13 +6,15 @@
 * ``last run here``: the stage's own wall time in ``artifacts/timing`` from its previous run in this
   checkout (the same machine, possibly other settings);
 * ``reference``: the wall time measured by a default run on a reference machine
-  (``pipeline/data/reference_timings.json``), scaled by how much faster or slower this CPU multiplies
-  matrices at the model's shapes in the dtype each machine uses. The matrix-multiply rate here is
-  measured on the spot (half a second per dtype), at the shapes the reference recorded.
+  (``pipeline/data/reference_timings/<dtype>.json``: one per dtype, the run of a machine where
+  ``model.dtype=auto`` chose it), scaled by how much faster or slower this CPU multiplies matrices at the
+  model's shapes in that dtype. The matrix-multiply rate here is measured on the spot (half a second per
+  dtype), and the reference is the one of the dtype this CPU uses: a CPU with AMX is compared with one
+  with AMX, where decoding and small passes gain less from bfloat16 than large matrix multiplies do.
 
 The forward passes dominate every model stage on a CPU, so this is right to within tens of percent
 on a quiet machine; a machine that is busy with another job runs every stage slower.
-``python -m pipeline.plan --record`` writes the reference file from this checkout's last ``make run``.
+``python -m pipeline.plan --record`` writes the reference of this checkout's last ``make run``'s dtype.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
 
-REFERENCE = Path(str(resources.files("pipeline.data") / "reference_timings.json"))
+REFERENCES = Path(str(resources.files("pipeline.data") / "reference_timings"))
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,14 @@ def estimates(stages: list[str], reference: dict | None, here_rate: float | None
     return out
 
 
-def read_reference(path: Path = REFERENCE) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def read_references(folder: Path = REFERENCES) -> dict[str, dict]:
+    """The shipped references by dtype (``<dtype>.json``)."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
+def for_dtype(references: dict[str, dict], dtype: str) -> dict | None:
+    """The reference run in ``dtype``, else any (scaled by the matmul rate alone)."""
+    return references.get(dtype) or next(iter(references.values()), None)
 
 
 def here_rate(reference: dict, requested_dtype: str) -> tuple[str, float]:
@@ -104,10 +112,11 @@ def show_plan() -> None:
     if not stages:
         print("plan: every stage is up to date; dvc repro has nothing to run")
         return
-    reference = read_reference()
+    references = read_references()
+    reference = next(iter(references.values()), None)
     rate = None
     if reference is None:
-        print("plan: no reference timings shipped (pipeline/data/reference_timings.json)")
+        print(f"plan: no reference timings shipped ({REFERENCES})")
     elif torch.cuda.is_available() and cfg.runtime.device != "cpu":
         print("plan: the reference timings are for a CPU; no estimate for a GPU run")
         reference = None
@@ -116,7 +125,8 @@ def show_plan() -> None:
               "stages without a timing here are not estimated")
         reference = None
     else:
-        dtype, rate = here_rate(reference, cfg.model.dtype)
+        dtype, rate = here_rate(reference, cfg.model.dtype)  # every reference is of this model: the same shapes
+        reference = for_dtype(references, dtype)
         print(f"plan: this CPU multiplies at {rate:.0f} GFLOP/s in {dtype} at the model's shapes; the reference "
               f"machine ({reference['machine']}) at {reference['rate_gflops']:.0f} GFLOP/s in {reference['dtype']}")
     rows = estimates(stages, reference, rate)
@@ -138,8 +148,9 @@ def machine() -> str:
     return f"{model}, {available_cores()} cores {amx} ({platform.machine()})"
 
 
-def record(path: Path = REFERENCE) -> None:
-    """Write the reference from this checkout's last run: stage wall times, the model, its dtype and rate."""
+def record(folder: Path = REFERENCES) -> None:
+    """Write the reference of the last run's dtype from this checkout's last run: stage wall times, the
+    model, its dtype and rate."""
     cfg = load_params()
     timings = {s: json.loads(paths.timing(s).read_text()) for s in STAGES if paths.timing(s).exists()}
     loaded = [t["models"][cfg.model.name] for t in timings.values() if cfg.model.name in t.get("models", {})]
@@ -148,15 +159,18 @@ def record(path: Path = REFERENCE) -> None:
                           "run `make run` (model.dtype=auto, on a CPU) before --record")
     from pipeline.models.loading import text_config
 
-    dtype, rates = loaded[0]["dtype"], loaded[0]["rates"]
+    dtype, shapes = loaded[0]["dtype"], model_shapes(text_config(cfg.model))
+    # measured now, as the plan measures a CPU, not the run's cached measurement: a host's speed drifts
+    rates = measure_rates([tuple(shape) for shape in shapes])
     reference = {
         "machine": machine(),
         "model": cfg.model.name,
         "dtype": dtype,
-        "rate_gflops": rates[dtype],
-        "shapes": model_shapes(text_config(cfg.model)),
+        "rate_gflops": round(rates[dtype], 3),
+        "shapes": shapes,
         "stages": {s: t["wall_seconds"] for s, t in timings.items()},
     }
+    path = folder / f"{dtype}.json"
     path.write_text(json.dumps(reference, indent=2) + "\n")
     print(f"wrote {path}: {len(timings)} stages, {minutes(sum(reference['stages'].values()))} in all")
 

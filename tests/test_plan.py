@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from pipeline.plan import dtype_in_use, estimates, stages_to_run
+from pipeline.plan import REFERENCES, dtype_in_use, estimates, for_dtype, read_references, stages_to_run
 
 
 def test_a_stage_that_ran_here_before_is_estimated_by_its_own_time(tmp_path):
@@ -23,6 +23,18 @@ def test_auto_dtype_is_the_faster_one_and_an_explicit_dtype_wins():
     assert dtype_in_use("auto", {"bfloat16": 50.0, "float32": 100.0}) == "float32"
     assert dtype_in_use("auto", {"bfloat16": 400.0, "float32": 100.0}) == "bfloat16"
     assert dtype_in_use("bfloat16", {"bfloat16": 50.0, "float32": 100.0}) == "bfloat16"
+
+
+def test_a_cpu_is_compared_with_the_reference_run_in_the_dtype_it_uses():
+    """bfloat16 is chosen where AMX makes it fast, and there decoding gains less than matmuls do: scaling the
+    float32 machine's run by the matmul rate alone underestimated an AMX machine's run by 40%."""
+    float32, bfloat16 = {"dtype": "float32"}, {"dtype": "bfloat16"}
+    assert for_dtype({"float32": float32, "bfloat16": bfloat16}, "bfloat16") is bfloat16
+    assert for_dtype({"float32": float32, "bfloat16": bfloat16}, "float32") is float32
+    assert for_dtype({"float32": float32}, "bfloat16") is float32  # no run in that dtype: the rate alone
+    assert for_dtype({}, "float32") is None
+    shipped = read_references(REFERENCES)
+    assert set(shipped) >= {"float32"} and all(ref["dtype"] == dtype for dtype, ref in shipped.items())
 
 
 def test_a_changed_parameter_reruns_its_stage_and_every_stage_downstream(tmp_path):
