@@ -370,8 +370,9 @@ def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, li
             results += saved
             bar.update(len(chunk))
     found = dict(zip(distinct, results, strict=True))
-    if len(flat) < sum(map(len, completions.values())):
-        log.info("%s: %d distinct of %d completions judged", desc, len(flat), sum(map(len, completions.values())))
+    total = sum(map(len, completions.values()))
+    if len(flat) < total:
+        log.info("%s: %d distinct of %d completions judged", desc, len(flat), total)
     return {condition: [dict(found[item["instruction"], item["response"]]) for item in items]
             for condition, items in completions.items()}
 

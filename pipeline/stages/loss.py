@@ -72,6 +72,11 @@ def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequ
     pending = [name for name in names if name != "baseline"]  # changes whose interval is still too wide
     baseline_only = not pending  # nothing to stop on: the baseline's CE over every document
     restored = 0
+
+    def change(name: str) -> float:
+        """The intervention's CE minus the baseline's, on the documents it has been scored on."""
+        return cross_entropy(scored[name]) - cross_entropy(scored["baseline"][: len(scored[name])])
+
     with tqdm(total=len(sequences), desc=f"CE loss on {corpus}", unit="doc") as bar:
         while len(scored["baseline"]) < len(sequences) and (pending or baseline_only):
             start = len(scored["baseline"])
@@ -91,8 +96,8 @@ def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequ
                 intervals[name] = ratio_interval([a - b for (a, _), (b, _) in zip(scored[name], scored["baseline"])],
                                                  counts[: len(scored[name])])
             if target is not None:
-                pending = [n for n in pending if not within(intervals[n], max(target, (relative or 0) * abs(
-                    cross_entropy(scored[n]) - cross_entropy(scored["baseline"][: len(scored[n])]))))]
+                pending = [n for n in pending
+                           if not within(intervals[n], max(target, (relative or 0) * abs(change(n))))]
     if restored:
         log.info("%s: %d chunks restored from checkpoint", corpus, restored)
     n_scored = {name: len(rows) for name, rows in scored.items()}
@@ -100,7 +105,7 @@ def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequ
 
     # the change on an intervention's own documents, and its CE as the baseline's on all of them plus that
     # change (so ce_<k> - ce_baseline = delta_<k>, whatever the sample sizes)
-    delta = {k: cross_entropy(scored[k]) - cross_entropy(scored["baseline"][: n_scored[k]]) for k in intervals}
+    delta = {k: change(k) for k in intervals}
     baseline = cross_entropy(scored["baseline"])
     return {
         "ce_baseline": round(baseline, 5),
