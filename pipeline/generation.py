@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import ConfigError
+from pipeline.hooks import RowGroups, acting_on
+from pipeline.inference import Groups
 from pipeline.models.loading import LoadedModel
 from pipeline.refusal import is_refusal
 
@@ -59,6 +62,52 @@ def completion_tokens(lm: LoadedModel, prompts: list[list[int]], max_new_tokens:
     """The generated token ids of ``complete_ids``, for measures that cut a completion at a token budget."""
     return lm.runner(batch_size).generate(prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=desc,
                                           store=store, stop=stopper(lm, stop_at, stop_limit))
+
+
+def complete_conditions(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[str]]], max_new_tokens: int,
+                        batch_size: int, desc: str, store: Checkpoint,
+                        stop_at: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``complete`` for several conditions: ``jobs`` maps a condition to (intervention reference of
+    ``edits``, prompts); see ``condition_tokens``."""
+    encoded = {key: (reference, lm.encode(texts)) for key, (reference, texts) in jobs.items()}
+    tokens = condition_tokens(lm, edits, encoded, max_new_tokens, batch_size, desc, store, stop_at)
+    return {key: [decode(lm, t) for t in rows] for key, rows in tokens.items()}
+
+
+def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[list[int]]]], max_new_tokens: int,
+                     batch_size: int, desc: str, store: Checkpoint,
+                     stop_at: Sequence[str] = ()) -> dict[str, list[list[int]]]:
+    """Generated token ids of each condition's encoded prompts under its intervention (``edits``, a
+    ``pipeline.interventions.Edits``), in ``jobs``' order.
+
+    Conditions whose interventions are hooks decode together, each hook acting on its own condition's
+    rows: a decoding step over many rows costs a CPU little more than one over a few, and one batch has
+    one tail of long completions instead of one per condition. A weight edit changes the model for
+    every row, so its condition runs alone. Either way each completion is what it would be alone.
+    """
+    stacked = [key for key, (reference, _) in jobs.items() if edits.acts_through_hooks(reference)]
+    if len(stacked) < 2:
+        stacked = []
+    out: dict[str, list[list[int]]] = {}
+    if stacked:
+        rows = RowGroups()
+        prompts = [p for key in stacked for p in jobs[key][1]]
+        of = [g for g, key in enumerate(stacked) for _ in jobs[key][1]]
+        with contextlib.ExitStack() as hooks:
+            for g, key in enumerate(stacked):
+                with acting_on(rows, g):
+                    hooks.enter_context(edits.apply(jobs[key][0]))
+            tokens = lm.runner(batch_size).generate(
+                prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=f"{desc} ({len(stacked)} together)",
+                store=store.scope("+".join(stacked)), stop=stopper(lm, stop_at, None), groups=Groups(of, rows.track))
+        for key in stacked:
+            out[key], tokens = tokens[: len(jobs[key][1])], tokens[len(jobs[key][1]):]
+    for key, (reference, prompts) in jobs.items():
+        if key not in out:
+            with edits.apply(reference):
+                out[key] = completion_tokens(lm, prompts, max_new_tokens, batch_size, f"{desc}: {key}",
+                                             store.scope(key), stop_at)
+    return {key: out[key] for key in jobs}
 
 
 def stopper(lm: LoadedModel, stop_at: Sequence[str], limit: int | None) -> Callable[[int, list[int]], bool] | None:

@@ -16,18 +16,75 @@ Hooks are registered with ``prepend=True`` so they run before transformers' own 
 argument is not a basis but ``k`` alternatives: the batch is read as ``k`` equal, consecutive blocks
 of rows and block ``i`` gets direction ``i`` (how several candidates are scored in one pass, see
 ``Runner.last_logits_stacked``).
+
+Several interventions can also share one batch, each acting on its own rows (``RowGroups``): hooks
+registered inside ``acting_on(groups, g)`` touch only the rows the runner currently assigns to group
+``g``, so the conditions of an evaluation stage decode together (``generation.complete_conditions``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 from pipeline.errors import ForwardStopped
 from pipeline.models.adapters import ModelAdapter
+
+
+class RowGroups:
+    """Which group each row of the running batch belongs to; ``Runner.generate`` updates it as rows
+    join (a new batch) and leave (a finished completion)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def track(self, group: torch.Tensor) -> None:
+        """Rows ``i`` of the next passes belong to group ``group[i]``."""
+        self.rows = {int(g): (group == g).nonzero().squeeze(1) for g in group.unique()}
+
+    def of(self, g: int) -> torch.Tensor | None:
+        return self.rows.get(g)
+
+
+_ACTING_ON: ContextVar[tuple[RowGroups, int] | None] = ContextVar("acting_on", default=None)
+
+
+@contextlib.contextmanager
+def acting_on(groups: RowGroups, g: int) -> Iterator[None]:
+    """Hooks registered inside this block edit only group ``g``'s rows (see ``RowGroups``)."""
+    token = _ACTING_ON.set((groups, g))
+    try:
+        yield
+    finally:
+        _ACTING_ON.reset(token)
+
+
+def _scoped(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` restricted to the rows of the group in force where the hook is registered (all rows outside
+    ``acting_on``)."""
+    scope = _ACTING_ON.get()
+    if scope is None:
+        return fn
+    groups, g = scope
+
+    def on_rows(t: torch.Tensor) -> torch.Tensor:
+        rows = groups.of(g)
+        if rows is None:
+            return t
+        if len(rows) == t.shape[0]:
+            return fn(t)
+        return t.index_copy(0, rows.to(t.device), fn(t.index_select(0, rows.to(t.device))))
+
+    return on_rows
+
+
+def acting_on_rows() -> bool:
+    """Whether hooks registered now would edit only some rows (a weight edit cannot)."""
+    return _ACTING_ON.get() is not None
 
 
 def per_row(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -90,15 +147,16 @@ def directional_ablation(model: nn.Module, adapter: ModelAdapter, directions: to
     """Project ``directions`` (one, a basis, or with ``stacked`` one per block of rows) out of the residual
     stream at every layer and position."""
     u = unit(directions) if stacked else orthonormal(directions)
+    ablate = _scoped(lambda t: project_out(t, u, stacked))
 
     def pre_hook(module, args, kwargs):
         if args:
-            return (project_out(args[0], u, stacked), *args[1:]), kwargs
-        kwargs["hidden_states"] = project_out(kwargs["hidden_states"], u, stacked)
+            return (ablate(args[0]), *args[1:]), kwargs
+        kwargs["hidden_states"] = ablate(kwargs["hidden_states"])
         return args, kwargs
 
     def out_hook(module, args, output):
-        return _map_first(output, lambda t: project_out(t, u, stacked))
+        return _map_first(output, ablate)
 
     handles = []
     for block in adapter.blocks(model):
@@ -122,8 +180,10 @@ def weighted_ablation(model: nn.Module, adapter: ModelAdapter, directions: torch
     bases = [unit(d) for d in directions] if per_layer else [orthonormal(directions)] * len(adapter.blocks(model))
 
     def out_hook(basis: torch.Tensor, weight: float):
+        ablate = _scoped(lambda t: project_out(t, basis, weight=weight))
+
         def hook(module, args, output):
-            return _map_first(output, lambda t: project_out(t, basis, weight=weight))
+            return _map_first(output, ablate)
         return hook
 
     handles = []
@@ -158,6 +218,7 @@ def activation_addition(
         raise ValueError(f"activation addition of a {tuple(vector.shape)} vector with stacked={stacked}")
     delta = coeff * vector.float()
 
+    @_scoped
     def add(t: torch.Tensor) -> torch.Tensor:
         return (t.float() + per_row(delta, t)).to(t.dtype)
 

@@ -33,6 +33,23 @@ OOM_BACKOFFS: list[dict] = []
 PASS_OVERHEAD = 64
 
 
+@dataclass(frozen=True)
+class Groups:
+    """Prompts of several groups (conditions) run in shared batches: prompt ``i`` belongs to group
+    ``of[i]``, and ``track(group_of_each_row)`` is called before every pass, so hooks that act on one
+    group's rows know which rows those are (``pipeline.hooks.RowGroups.track``)."""
+
+    of: Sequence[int]
+    track: Callable[[torch.Tensor], None]
+
+    @property
+    def count(self) -> int:
+        return max(self.of) + 1 if self.of else 0
+
+    def rows(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.of[i] for i in indices], dtype=torch.long)
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, overhead: int = PASS_OVERHEAD) -> list[list[int]]:
     """Split prompts into batches of at most ``batch_size`` that waste the least compute on padding.
 
@@ -105,9 +122,10 @@ class Runner:
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
 
     def _forward(self, bodies: Sequence[Sequence[int]], prefix_len: int, prefix_cache, use_cache=False,
-                 copies: int = 1, **kwargs):
+                 copies: int = 1, cache_rows: torch.Tensor | None = None, **kwargs):
         """One forward pass over ``bodies`` after the cached prefix; with ``copies`` > 1 the rows are
-        ``copies`` stacked repeats of the batch (copy-major) and the prefix cache has one row per copy."""
+        ``copies`` stacked repeats of the batch (copy-major) and the prefix cache has one row per copy.
+        ``cache_rows`` picks each row's prefix-cache row instead (one per group, see ``Groups``)."""
         ids, mask = left_pad(list(bodies) * copies, self.pad_id)
         batch = ids.shape[0]
         full_mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long), mask], dim=1)
@@ -115,7 +133,10 @@ class Runner:
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(bodies))
+            if cache_rows is None:
+                cache.batch_repeat_interleave(len(bodies))
+            else:
+                cache.batch_select_indices(cache_rows.to(self.device))
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=full_mask.to(self.device),
@@ -129,16 +150,21 @@ class Runner:
     def _map_batches(
         self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], fn: Callable, desc: str, extra: int = 0,
         copies: int = 1, store: Checkpoint | None = None, count_tokens: Callable[[object], int] | None = None,
+        groups: Groups | None = None,
     ) -> list:
         """Call ``fn(indices, bodies, prefix_len, cache)`` per batch; return results in prompt order.
 
         ``extra`` is how many tokens a call appends to each prompt (generation); ``copies`` is how many
-        stacked copies of each batch ``fn`` runs (so the prefix cache gets one row per copy). With a
+        stacked copies of each batch ``fn`` runs (so the prefix cache gets one row per copy); with
+        ``groups`` the prefix cache gets one row per group, each run under its group's hooks. With a
         ``store``, each batch's (JSON-able) results are saved as it finishes and reused on a rerun; with
         ``count_tokens`` (tokens in one result) the progress bar also shows tokens per second.
         """
         if not prompts:
             return []
+        if groups is not None:
+            copies = groups.count
+            groups.track(torch.arange(copies))
         cache = self._prefix_cache(prefix, max(map(len, prompts)) + extra, copies)
         prefix_len = len(prefix) if cache is not None else 0
         for p in prompts:
@@ -250,18 +276,25 @@ class Runner:
         desc: str = "generate",
         store: Checkpoint | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
+        groups: Groups | None = None,
     ) -> list[list[int]]:
         """Greedy continuation of each prompt; rows that emit an EOS token leave the batch.
 
         ``stop(index, tokens)`` ends a row early once its generated tokens settle what is being measured
         (a refusal phrase has appeared, say); it is asked after each new token of every row still
         generating, with the row's prompt index. With a ``store`` (a Checkpoint), finished batches
-        survive an interrupted run.
+        survive an interrupted run. With ``groups``, prompts of several conditions share batches (more
+        rows per decoding step, which on a CPU costs little more than a few) and ``groups.track`` follows
+        the rows as they leave.
         """
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
         def fn(indices, bodies, prefix_len, cache):
-            out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True)
+            rows = groups.rows(indices) if groups is not None else None
+            if groups is not None:
+                groups.track(rows)
+            out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True,
+                                                 cache_rows=rows)
             cache = out.past_key_values
             mask, position = mask.to(self.device), positions[:, -1].to(self.device)
             alive = torch.arange(len(bodies), device=self.device)
@@ -280,6 +313,9 @@ class Runner:
                     keep = (~finished).nonzero().squeeze(1)
                     cache.batch_select_indices(keep)
                     alive, token, mask, position = alive[keep], token[keep], mask[keep], position[keep]
+                    if groups is not None:
+                        rows = rows[keep.cpu()]
+                        groups.track(rows)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 position = position + 1
                 out = self.model(
@@ -293,7 +329,8 @@ class Runner:
                 token = out.logits[:, -1].argmax(-1)
             return [[t for t in g if t not in set(eos_ids)] for g in generated]
 
-        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store, count_tokens=len)
+        return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store, count_tokens=len,
+                                 groups=groups)
 
     @torch.inference_mode()
     def response_nll(

@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline.edit import Edit, edit_files, load_edit
 from pipeline.errors import ConfigError
-from pipeline.hooks import activation_addition, directional_ablation, weighted_ablation
+from pipeline.hooks import acting_on_rows, activation_addition, directional_ablation, weighted_ablation
 from pipeline.models.adapters import ModelAdapter
 from pipeline.weight_edits import edited_in_place, fold_ablation
 
@@ -144,9 +144,21 @@ class Edits:
         name, source = split_reference(reference, self.default)
         return apply(self.lm, name, self.records[source])
 
+    def acts_through_hooks(self, reference: str) -> bool:
+        """Whether the referenced intervention is hooks (it can then act on some rows of a batch and share
+        it with other conditions), not a weight edit (which changes the model for every row)."""
+        name, source = split_reference(reference, self.default)
+        intervention = get_intervention(name)
+        if intervention.name == "recorded":
+            intervention = _recorded(self.records[source])
+        return intervention.hooks is not None
+
 
 @contextlib.contextmanager
 def _folded(model: nn.Module, adapter: ModelAdapter, edit: Edit, fold: Fold):
+    if acting_on_rows():
+        raise RuntimeError("a weight edit cannot act on some rows of a batch: run its condition alone "
+                           "(Edits.acts_through_hooks)")
     with edited_in_place(model, adapter):
         fold(model, adapter, edit)
         yield

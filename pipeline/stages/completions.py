@@ -20,7 +20,7 @@ from pipeline import paths
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions, prompt_files, read_prompts
-from pipeline.generation import complete, stop_phrases
+from pipeline.generation import complete_conditions, stop_phrases
 from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
@@ -36,14 +36,15 @@ def run(cfg: DictConfig) -> None:
     edits = Edits.load(lm, [name for _, name in todo.values()], cfg.eval.edit)
     inputs = prompt_files(side for side, _ in todo.values())
     checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edits.files()])
-    for condition, (side, name) in todo.items():
-        records = read_prompts(side)
-        with edits.apply(name):
-            responses = complete(lm, instructions(records), cfg.eval.max_new_tokens, cfg.eval.batch_size, condition,
-                                 checkpoint.scope(condition), stop_at)
+    records = {side: read_prompts(side) for side in dict.fromkeys(side for side, _ in todo.values())}
+    jobs = {condition: (name, instructions(records[side])) for condition, (side, name) in todo.items()}
+    found = complete_conditions(lm, edits, jobs, cfg.eval.max_new_tokens, cfg.eval.batch_size, "completions",
+                                checkpoint, stop_at)
+    for condition, (side, _) in todo.items():
+        responses = found[condition]
         write_json(paths.completions(condition), [
             {"instruction": r["instruction"], "category": r["category"], "response": text}
-            for r, text in zip(records, responses)
+            for r, text in zip(records[side], responses, strict=True)
         ])
         log.info("%s: %d completions", condition, len(responses))
     checkpoint.clear()

@@ -21,7 +21,7 @@ from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions, prompt_files, read_prompts
 from pipeline.delayed_refusal import changed_shares, shortest_stable_budget, verdicts_by_budget
 from pipeline.errors import ConfigError
-from pipeline.generation import completion_tokens, decode
+from pipeline.generation import condition_tokens, decode
 from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
@@ -59,19 +59,17 @@ def run(cfg: DictConfig) -> None:
     edits = Edits.load(lm, names, cfg.eval.edit)
     inputs = prompt_files(conditions[c][0] for c in settings.conditions)
     checkpoint = Checkpoint.open("delayed_refusal", cfg, [*inputs, *edits.files()])
+    records = {c: read_prompts(conditions[c][0])[: settings.n_prompts] for c in settings.conditions}
+    jobs = {c: (conditions[c][1], lm.encode(instructions(records[c]))) for c in settings.conditions}
+    generated = condition_tokens(lm, edits, jobs, settings.max_new_tokens, cfg.eval.batch_size,
+                                 f"to {settings.max_new_tokens} tokens", checkpoint, substrings)
     verdicts: dict[str, dict[int, list[bool]]] = {}
     rows = []
-    for condition in settings.conditions:
-        side, name = conditions[condition]
-        records = read_prompts(side)[: settings.n_prompts]
-        with edits.apply(name):
-            tokens = completion_tokens(lm, lm.encode(instructions(records)), settings.max_new_tokens,
-                                       cfg.eval.batch_size, f"{condition} to {settings.max_new_tokens} tokens",
-                                       checkpoint.scope(condition), substrings)
+    for condition, tokens in generated.items():
         verdicts[condition] = verdicts_by_budget(tokens, cuts, lambda t: is_refusal(decode(lm, t), substrings))
         rows += [{"condition": condition, "instruction": r["instruction"], "response": decode(lm, t),
                   "tokens": len(t), "refusal_by_budget": {b: verdicts[condition][b][i] for b in cuts}}
-                 for i, (r, t) in enumerate(zip(records, tokens))]
+                 for i, (r, t) in enumerate(zip(records[condition], tokens, strict=True))]
     pooled = {b: [v for by_budget in verdicts.values() for v in by_budget[b]] for b in cuts}
     shares = changed_shares(pooled, settings.max_new_tokens)
     at_eval = sum(a != b for a, b in zip(pooled[cfg.eval.max_new_tokens], pooled[settings.max_new_tokens]))

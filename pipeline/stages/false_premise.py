@@ -21,7 +21,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.cli import run_stage
 from pipeline.conditions import with_compared
 from pipeline.errors import ConfigError
-from pipeline.generation import complete
+from pipeline.generation import complete_conditions
 from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
@@ -44,11 +44,11 @@ def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
     edits = Edits.load(lm, names, cfg.eval.edit)
     checkpoint = Checkpoint.open("false_premise", cfg, [source, *edits.files()])
+    asked = [q["question"] for q in questions]
+    completed = complete_conditions(lm, edits, {name: (name, asked) for name in names}, settings.max_new_tokens,
+                                    cfg.eval.batch_size, "false premise", checkpoint)
     answers: dict[str, list[dict]] = {}
-    for name in names:
-        with edits.apply(name):
-            found = complete(lm, [q["question"] for q in questions], settings.max_new_tokens, cfg.eval.batch_size,
-                             f"false premise {name}", checkpoint.scope(name))
+    for name, found in completed.items():
         answers[name] = [{"id": q["id"], "kind": q["kind"], "question": q["question"], "answer": text,
                           "stance": read, "correct": read == q["correct_stance"]}
                          for q, text, read in zip(questions, found, map(stance, found), strict=True)]

@@ -24,7 +24,7 @@ from pipeline.cli import run_stage
 from pipeline.conditions import with_compared
 from pipeline.data_sources import Record, load_source
 from pipeline.errors import DataError
-from pipeline.generation import complete, stop_phrases
+from pipeline.generation import complete_conditions, stop_phrases
 from pipeline.interventions import Edits, check_names
 from pipeline.io import write_json
 from pipeline.models.loading import load_model
@@ -74,10 +74,9 @@ def run(cfg: DictConfig) -> None:
     substrings = list(cfg.eval.refusal_substrings)
     checkpoint = Checkpoint.open("over_refusal", cfg, edits.files())
     flags: dict[str, list[bool]] = {}
-    for kind in kinds:
-        with edits.apply(kind):
-            responses = complete(lm, instructions(records), oc.max_new_tokens, cfg.eval.batch_size,
-                                 f"over-refusal {kind}", checkpoint.scope(kind), stop_at)
+    found = complete_conditions(lm, edits, {kind: (kind, instructions(records)) for kind in kinds}, oc.max_new_tokens,
+                                cfg.eval.batch_size, "over-refusal", checkpoint, stop_at)
+    for kind, responses in found.items():
         flags[kind] = [is_refusal(text, substrings) for text in responses]
         write_json(paths.stage_dir("over_refusal") / f"{kind}.json", [
             {"instruction": r["instruction"], "category": r["category"], "response": text, "refusal": flag}
