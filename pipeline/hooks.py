@@ -43,7 +43,7 @@ class RowGroups:
         self.rows: dict[int, torch.Tensor] = {}
 
     def track(self, group: torch.Tensor) -> None:
-        """Rows ``i`` of the next passes belong to group ``group[i]``."""
+        """Rows ``i`` of the next passes belong to group ``group[i]`` (on the model's device)."""
         self.rows = {int(g): (group == g).nonzero().squeeze(1) for g in group.unique()}
 
     def of(self, g: int) -> torch.Tensor | None:
@@ -77,7 +77,7 @@ def _scoped(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tenso
             return t
         if len(rows) == t.shape[0]:
             return fn(t)
-        return t.index_copy(0, rows.to(t.device), fn(t.index_select(0, rows.to(t.device))))
+        return t.index_copy(0, rows, fn(t.index_select(0, rows)))
 
     return on_rows
 

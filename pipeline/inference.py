@@ -164,7 +164,7 @@ class Runner:
             return []
         if groups is not None:
             copies = groups.count
-            groups.track(torch.arange(copies))
+            groups.track(torch.arange(copies, device=self.device))
         cache = self._prefix_cache(prefix, max(map(len, prompts)) + extra, copies)
         prefix_len = len(prefix) if cache is not None else 0
         for p in prompts:
@@ -290,7 +290,7 @@ class Runner:
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
         def fn(indices, bodies, prefix_len, cache):
-            rows = groups.rows(indices) if groups is not None else None
+            rows = groups.rows(indices).to(self.device) if groups is not None else None
             if groups is not None:
                 groups.track(rows)
             out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True,
@@ -314,7 +314,7 @@ class Runner:
                     cache.batch_select_indices(keep)
                     alive, token, mask, position = alive[keep], token[keep], mask[keep], position[keep]
                     if groups is not None:
-                        rows = rows[keep.cpu()]
+                        rows = rows[keep]
                         groups.track(rows)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 position = position + 1
