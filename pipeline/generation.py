@@ -83,8 +83,8 @@ def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[lis
     Conditions whose interventions are hooks decode together, each hook acting on its own condition's
     rows: a decoding step costs a CPU far less per row over many rows than over a few (on the 1.5B default,
     1.5 s for 256 rows against 0.86 s for 80), and one batch has one tail of long completions instead of
-    one per condition. A weight edit changes the model for
-    every row, so its condition runs alone. Either way each completion is what it would be alone.
+    one per condition. A weight edit changes the model for every row, so its condition runs alone. Either
+    way each completion is what it would be alone.
     """
     stacked = [key for key, (reference, _) in jobs.items() if edits.acts_through_hooks(reference)]
     if len(stacked) < 2:

@@ -125,7 +125,8 @@ class Runner:
                  copies: int = 1, cache_rows: torch.Tensor | None = None, **kwargs):
         """One forward pass over ``bodies`` after the cached prefix; with ``copies`` > 1 the rows are
         ``copies`` stacked repeats of the batch (copy-major) and the prefix cache has one row per copy.
-        ``cache_rows`` picks each row's prefix-cache row instead (one per group, see ``Groups``)."""
+        ``cache_rows`` (on the model's device) picks each row's prefix-cache row instead (one per group, see
+        ``Groups``)."""
         ids, mask = left_pad(list(bodies) * copies, self.pad_id)
         batch = ids.shape[0]
         full_mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long), mask], dim=1)
@@ -136,7 +137,7 @@ class Runner:
             if cache_rows is None:
                 cache.batch_repeat_interleave(len(bodies))
             else:
-                cache.batch_select_indices(cache_rows.to(self.device))
+                cache.batch_select_indices(cache_rows)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=full_mask.to(self.device),
@@ -283,15 +284,16 @@ class Runner:
         ``stop(index, tokens)`` ends a row early once its generated tokens settle what is being measured
         (a refusal phrase has appeared, say); it is asked after each new token of every row still
         generating, with the row's prompt index. With a ``store`` (a Checkpoint), finished batches
-        survive an interrupted run. With ``groups``, prompts of several conditions share batches (more
-        rows per decoding step, which on a CPU costs little more than a few) and ``groups.track`` follows
+        survive an interrupted run. With ``groups``, prompts of several conditions share batches (on a CPU a
+        decoding step costs far less per row over many rows than over a few) and ``groups.track`` follows
         the rows as they leave.
         """
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
         def fn(indices, bodies, prefix_len, cache):
-            rows = groups.rows(indices).to(self.device) if groups is not None else None
+            rows = None
             if groups is not None:
+                rows = groups.rows(indices).to(self.device)
                 groups.track(rows)
             out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True,
                                                  cache_rows=rows)
