@@ -72,7 +72,8 @@ def cross_ablation(lm: LoadedModel, directions: dict[str, torch.Tensor], selecte
                    store: Checkpoint | None = None) -> pd.DataFrame:
     """Refusal score of each prompt set (``prompts``: category -> instructions) with each category's direction
     ablated at every layer (the paper's ablation; ``layer`` is where the directions were read), and, as
-    reference rows, with none (``BASELINE``) and with the ``selected`` direction (``SELECTED``). One row per
+    reference rows, with none (``BASELINE``) and with the ``selected`` direction (``SELECTED``; ``[k, d]``, e.g. a
+    refusal cone's basis, ablates the whole subspace, as the method's own edit does). One row per
     (ablated, prompts): the mean refusal score and the share of prompts whose score is above 0 (the model
     about to refuse). With a ``store``, each run's scores are saved as it finishes and reused on a rerun (on
     a 1.5B model on CPU each run takes minutes)."""

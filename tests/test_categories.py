@@ -92,6 +92,23 @@ def test_ablating_a_category_direction_is_the_papers_ablation(tiny_lm):
     assert not same == pytest.approx(table[table.ablated == BASELINE].refusal_score.to_numpy(), abs=1e-3)
 
 
+
+def test_a_cones_selected_row_ablates_its_whole_subspace(tiny_lm):
+    """With a refusal cone (direction=cone) the selected row removes every basis vector, as the cone's own edit
+    does, not only the first."""
+    lm = tiny_lm("qwen2")
+    g = torch.Generator().manual_seed(4)
+    basis = torch.linalg.qr(torch.randn(lm.d_model, 2, generator=g)).Q.T  # [2, d], orthonormal
+    prompts = {"x": PROMPTS[:2], "y": PROMPTS[2:5]}
+    table = cross_ablation(lm, {"x": basis[0], "y": basis[1]}, 3 * basis, prompts, layer=1, batch_size=2)
+    with apply(lm, "ablation", Edit.of(basis, 1, lm.n_layers)):
+        want = refusal_scores(torch.stack([lm.model(input_ids=torch.tensor([i])).logits[0, -1]
+                                           for i in lm.encode(PROMPTS[:5])]).detach(), lm.refusal_ids)
+    selected = table[table.ablated == SELECTED].set_index("prompts").refusal_score
+    assert selected["x"] == pytest.approx(float(want[:2].mean()), abs=1e-4)
+    assert selected["y"] == pytest.approx(float(want[2:].mean()), abs=1e-4)
+    assert not selected.to_numpy() == pytest.approx(table[table.ablated == "x"].refusal_score.to_numpy(), abs=1e-3)
+
 class Killed(Exception):
     """Stands in for the process being killed half-way through a stage."""
 

@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> None:
     prompts = {name: test[name][:max_test] for name in used}
     checkpoint = Checkpoint.open("categories", cfg, [paths.split_file("data", "harmful", split) for split in
                                                      ("train", "test")] + edit_files(cfg.eval.edit))
-    table = cross_ablation(lm, directions, edit.direction, prompts, edit.layer, cfg.runtime.batch_size, checkpoint)
+    table = cross_ablation(lm, directions, edit.directions, prompts, edit.layer, cfg.runtime.batch_size, checkpoint)
 
     save_tensors(OUT / "directions.safetensors", {"directions": torch.stack(list(directions.values())).float()},
                  metadata={"categories": used, "layer": edit.layer, "position": edit.position})
