@@ -15,8 +15,9 @@ with:
 * the same KL: exact KL(unedited || edited) of the first generated token's distribution, averaged over
   the harmless evaluation prompts.
 
-The project's search uses the fractional-layer direction source only (heretic has no selected direction
-to offer) read at the last post-instruction token, as heretic reads its directions.
+The project's search uses the direction sources of ``search.sources`` except ``selected`` (heretic has no
+selected direction to offer): fractional-layer and per-layer directions, read at the last post-instruction
+token, as heretic reads its directions.
 
 It prints plain ``name: value`` lines: the settings, each front's points, each front's hypervolume
 against the reference point (every harmful evaluation prompt refused, KL = 1), ``hypervolume_ratio``
@@ -44,6 +45,7 @@ from pipeline import search
 from pipeline.benchmark import emit, load_prompts
 from pipeline.config import compose_config
 from pipeline.edit import Edit
+from pipeline.errors import ConfigError
 from pipeline.models.loading import checkpoint, load_model, resolve_device, resolve_dtype
 from pipeline.runtime import LOADED, apply_threads, set_weight_first_rows
 from pipeline.stages.activations import mean_activations
@@ -170,7 +172,7 @@ def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: 
     harmless = search.HarmlessReference.of(lm, lm.encode(prompts["harmless_val"]), 1, cfg.eval.batch_size)
     objective = search.Objective(lm, base, candidates, prompts["harmful_val"], harmless,
                                  list(cfg.eval.refusal_substrings), args.max_new_tokens, cfg.eval.batch_size,
-                                 tuple(cfg.search.variants), tuple(cfg.search.peak_range), ("layer",),
+                                 tuple(cfg.search.variants), tuple(cfg.search.peak_range), benchmark_sources(cfg),
                                  harmless_mean.float(), tuple(cfg.search.layer_range), cfg.search.max_kl,
                                  cfg.search.prune_dominated)
     unedited = objective.refusals()
@@ -182,6 +184,15 @@ def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: 
     trial_seconds = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
     return Run("ours", [(int(t.values[0]), t.values[1]) for t in search.completed(study)], len(trials),
                trial_seconds, time.perf_counter() - start, unedited)
+
+
+def benchmark_sources(cfg) -> tuple[str, ...]:
+    """``search.sources`` without ``selected``: heretic selects no direction, so neither side starts from one."""
+    sources = tuple(s for s in cfg.search.sources if s != "selected")
+    if not sources:
+        raise ConfigError(f"search.sources={list(cfg.search.sources)} leaves the benchmark no direction source",
+                          "add layer or per_layer, e.g. 'search.sources=[layer,per_layer]'")
+    return sources
 
 
 def dominates(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) -> bool:
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     exe = heretic_executable(args.heretic_venv)
     command = heretic_command(exe, model_dir, data, args, dtype, device, markers, cfg.eval.batch_size,
                               args.work_dir / "heretic")
-    ours_settings = {k: cfg.search[k] for k in ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")}
+    keys = ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")
+    ours_settings = {"sources": benchmark_sources(cfg), **{k: cfg.search[k] for k in keys}}
     for name, value in (("model", cfg.model.name), ("model_dir", model_dir), ("dtype", dtype),
                         ("trials", args.trials), ("startup_trials", args.startup_trials), ("seed", args.seed),
                         ("max_new_tokens", args.max_new_tokens), ("batch_size", cfg.eval.batch_size),

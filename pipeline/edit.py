@@ -5,13 +5,14 @@ interventions (``pipeline.interventions``) turn it into hooks or weight edits. I
 
 * ``directions``: a ``[k, d_model]`` basis (``k`` = 1 for the paper's single direction; ablation
   removes the subspace they span), or, with ``per_layer``, one direction per block ``[n_layers, d_model]``
-  (block ``l``'s writes lose ``directions[l]``; the embedding loses ``directions[0]``);
+  (block ``l``'s writes lose ``directions[l]``, read where they go: the residual stream entering block
+  ``l + 1``; the embedding loses ``directions[0]``);
 * ``attention_weights`` / ``mlp_weights`` ``[n_layers]``: how much of the direction each block's
   attention / MLP write loses under ``weighted_ablation`` (1 everywhere is the paper's ablation),
   and ``embedding_weight`` for the token embedding;
 * ``harmless_mean`` ``[d_model]`` (optional): the mean harmless activation where the direction was read,
   which ``projected_ablation`` makes the direction orthogonal to;
-* the addition site and coefficient (activation addition adds ``coeff * directions[0]``, unnormalised);
+* the addition site and coefficient (activation addition adds ``coeff * direction``, unnormalised);
 * provenance: the method, its parameters, the stage that wrote it.
 
 On disk: ``edit.safetensors`` (tensors, with the JSON in its header) and ``edit.json`` (the same
@@ -85,8 +86,10 @@ class Edit:
 
     @property
     def direction(self) -> torch.Tensor:
-        """The first (or only) direction, unnormalised: what activation addition adds and readouts project on."""
-        return self.directions[0]
+        """The direction read at ``layer``, unnormalised: what activation addition adds and readouts project on.
+        The first (or only) one of a basis; of per-layer directions, the one read at ``layer`` (block
+        ``layer - 1``'s)."""
+        return self.directions[self.layer - 1] if self.per_layer else self.directions[0]
 
     def with_directions(self, directions: torch.Tensor) -> Edit:
         return replace(self, directions=directions)
@@ -114,6 +117,9 @@ class Edit:
             problems.append(f"directions have shape {tuple(self.directions.shape)}, expected [k, d_model]")
         elif self.per_layer and self.directions.shape[0] != self.n_layers:
             problems.append(f"per-layer directions: {self.directions.shape[0]} rows for {self.n_layers} layers")
+        if self.per_layer and not 1 <= self.layer <= self.n_layers:
+            problems.append(f"per-layer directions read at layer {self.layer}: they are read after a block "
+                            f"(1..{self.n_layers})")
         for name in ("attention_weights", "mlp_weights"):
             if tuple(getattr(self, name).shape) != (self.n_layers,):
                 problems.append(f"{name} has shape {tuple(getattr(self, name).shape)}, expected ({self.n_layers},)")

@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline.edit import Edit, edit_files, load_edit
 from pipeline.errors import ConfigError
-from pipeline.hooks import acting_on_rows, activation_addition, directional_ablation, weighted_ablation
+from pipeline.hooks import acting_on_rows, activation_addition, directional_ablation, unit, weighted_ablation
 from pipeline.models.adapters import ModelAdapter
 from pipeline.weight_edits import edited_in_place, fold_ablation
 
@@ -169,8 +169,14 @@ def projected(edit: Edit) -> Edit:
     if edit.harmless_mean is None:
         raise ConfigError("projected_ablation needs the harmless mean activation in the edit record",
                           "re-run the select stage (it stores it), or drop projected_ablation from eval")
-    m = edit.harmless_mean.float() / edit.harmless_mean.float().norm().clamp_min(1e-12)
-    return edit.with_directions(edit.directions - (edit.directions @ m)[:, None] * m[None, :])
+    return edit.with_directions(orthogonal_to(edit.directions, edit.harmless_mean))
+
+
+def orthogonal_to(directions: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``directions`` ``[k, d]`` with their component along ``means`` removed: one mean ``[d]`` for all, or one
+    per row ``[k, d]``."""
+    m = unit(means)
+    return directions.float() - (directions.float() * m).sum(dim=-1, keepdim=True) * m
 
 
 def _ones(edit: Edit) -> dict:

@@ -2,9 +2,11 @@
 
 The search space is ``weighted_ablation``'s (``pipeline.edit``, ``pipeline.interventions``):
 
-* the direction (``sources``): the selected one, or the difference-in-means candidate at a fractional
+* the direction (``sources``): the selected one; the difference-in-means candidate at a fractional
   layer index of the selected position (unit directions of the two neighbouring layers interpolated; the
-  ``projected`` variant then uses the harmless mean interpolated the same way);
+  ``projected`` variant then uses the harmless mean interpolated the same way); or ``per_layer``, each
+  block's writes losing the candidate read where they go (the residual stream after that block; the
+  ``projected`` variant makes each orthogonal to the harmless mean there);
 * for attention writes and for MLP writes separately, a layer kernel: peak weight, peak position, floor
   weight (as a share of the peak) and width (``pipeline.edit.Kernel``); the embedding is not edited;
 * the variant: ``plain`` (hooks), ``projected`` (the direction made orthogonal to the harmless mean
@@ -45,7 +47,7 @@ from pipeline.edit import Edit, Kernel
 from pipeline.errors import ConfigError
 from pipeline.generation import StopLimitReached, complete
 from pipeline.hooks import unit
-from pipeline.interventions import apply, projected
+from pipeline.interventions import apply, orthogonal_to, projected
 from pipeline.models.loading import LoadedModel
 from pipeline.refusal import is_refusal, kl_divergence
 
@@ -55,7 +57,7 @@ VARIANTS = {"plain": "weighted_ablation", "projected": "weighted_ablation",
             "norm_preserving": "norm_preserving_ablation"}
 COMPONENTS = ("attention", "mlp")
 SAMPLERS = ("tpe", "nsga2")
-SOURCES = ("selected", "layer")
+SOURCES = ("selected", "layer", "per_layer")
 
 
 def interpolated(rows: torch.Tensor, index: float) -> torch.Tensor:
@@ -107,23 +109,30 @@ def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,
                harmless_means: torch.Tensor | None = None) -> tuple[Edit, str]:
     """The edit record of one point of the space and the registered intervention that applies it.
 
-    ``candidates`` ``[n_sites, d]`` are the difference-in-means candidates at the selected position and
-    ``harmless_means`` (optional, same shape) the harmless means they were read against: a direction
-    taken at a fractional layer is projected off the harmless mean at that layer, not the selected one's.
+    ``candidates`` ``[n_layers + 1, d]`` are the difference-in-means candidates at the selected position, one
+    per residual site (0: the embedding's output), and ``harmless_means`` (optional, same shape) the harmless
+    means they were read against: a direction taken at a fractional layer is projected off the harmless mean
+    at that layer, and a per-layer direction off the mean where it is read, not the selected layer's.
     """
-    harmless_mean = base.harmless_mean
+    harmless_mean, per_layer = base.harmless_mean, params["source"] == "per_layer"
     if params["source"] == "selected":
-        direction = base.direction
+        directions = unit(base.direction)[None]
+    elif per_layer:
+        directions = unit(candidates[1 : base.n_layers + 1])  # block l's writes enter site l + 1
+        if harmless_means is not None:
+            harmless_mean = harmless_means[base.layer].float()
     else:
-        direction = direction_at(candidates, params["direction_layer"])
+        directions = direction_at(candidates, params["direction_layer"])[None]
         if harmless_means is not None:
             harmless_mean = interpolated(harmless_means, params["direction_layer"])
-    edit = Edit(unit(direction)[None], base.layer, base.n_layers,
+    edit = Edit(directions, base.layer, base.n_layers,
                 kernel(params, "attention").weights(base.n_layers), kernel(params, "mlp").weights(base.n_layers),
-                embedding_weight=0.0, harmless_mean=harmless_mean, addition_layer=base.addition_layer,
-                addition_coeff=base.addition_coeff, position=base.position, position_label=base.position_label)
+                embedding_weight=0.0, per_layer=per_layer, harmless_mean=harmless_mean,
+                addition_layer=base.addition_layer, addition_coeff=base.addition_coeff, position=base.position,
+                position_label=base.position_label)
     if params["variant"] == "projected":
-        edit = projected(edit)
+        edit = (edit.with_directions(orthogonal_to(directions, harmless_means[1 : base.n_layers + 1]))
+                if per_layer and harmless_means is not None else projected(edit))
     return edit, VARIANTS[params["variant"]]
 
 

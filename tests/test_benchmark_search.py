@@ -7,8 +7,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+from omegaconf import OmegaConf
 
 from pipeline import benchmark_search as bench
+from pipeline.errors import ConfigError
 
 FAKE_MENU = textwrap.dedent("""
     import sys
@@ -70,3 +72,11 @@ def test_the_report_compares_fronts_by_hypervolume_dominance_and_trial_rate(caps
     assert float(lines["heretic_hypervolume"]) == pytest.approx(20 * 0.5 + 16 * 0.2 + 10 * 0.28)
     assert float(lines["hypervolume_ratio"]) == pytest.approx(
         (20 * 0.4 + 17 * 0.4 + 11 * 0.19) / (20 * 0.5 + 16 * 0.2 + 10 * 0.28), abs=1e-3)
+
+
+def test_neither_side_starts_from_a_selected_direction():
+    """heretic selects no direction, so our side searches the layer-read sources only; none left is an error."""
+    cfg = OmegaConf.create({"search": {"sources": ["selected", "layer", "per_layer"]}})
+    assert bench.benchmark_sources(cfg) == ("layer", "per_layer")
+    with pytest.raises(ConfigError, match="per_layer"):
+        bench.benchmark_sources(OmegaConf.create({"search": {"sources": ["selected"]}}))

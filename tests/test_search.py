@@ -60,6 +60,33 @@ def test_a_direction_from_a_fractional_layer_is_projected_off_that_layers_harmle
     assert abs(float(edit.direction @ edit.harmless_mean)) < 1e-5
 
 
+def test_a_per_layer_trial_cleans_each_blocks_writes_of_the_direction_read_after_that_block():
+    """Block l's writes enter the residual stream read at site l + 1: that site's candidate is the one they lose
+    (site 0 is the embedding's output, which no block writes); projected, each is made orthogonal to the
+    harmless mean at its own site. The record's direction (for addition and readouts) is the selected layer's."""
+    base = Edit.of(torch.randn(8), 2, 4, position=-1, harmless_mean=torch.randn(8))
+    candidates, harmless_means = torch.randn(5, 8), torch.randn(5, 8)
+    params = {"source": "per_layer", "variant": "plain", "attention_peak": 1.0, "attention_position": 1.0,
+              "attention_floor": 1.0, "attention_width": 4.0, "mlp_peak": 1.0, "mlp_position": 1.0,
+              "mlp_floor": 1.0, "mlp_width": 4.0}
+    edit, name = search.trial_edit(params, base, candidates, harmless_means)
+    assert name == "weighted_ablation" and edit.per_layer and edit.directions.shape == (4, 8)
+    edit.validate()
+    unit = candidates / candidates.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(edit.directions, unit[1:])
+    torch.testing.assert_close(edit.direction, unit[2])  # read at the selected layer 2: block 1's writes
+    torch.testing.assert_close(edit.harmless_mean, harmless_means[2])
+    projected, _ = search.trial_edit({**params, "variant": "projected"}, base, candidates, harmless_means)
+    cosines = torch.nn.functional.cosine_similarity(projected.directions, harmless_means[1:], dim=-1)
+    assert cosines.abs().max() < 1e-5
+    assert not torch.allclose(projected.directions, edit.directions)
+
+
+def test_per_layer_directions_are_read_after_a_block():
+    with pytest.raises(ConfigError, match="read after a block"):
+        Edit(torch.randn(4, 8), 0, 4, torch.ones(4), torch.ones(4), per_layer=True).validate()
+
+
 def test_the_direction_layer_stays_within_its_share_of_the_depth():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     layers = [search.suggest(study.ask(), 20, ["plain"], (0.0, 1.0), ("layer",), (0.25, 0.75))["direction_layer"]
@@ -191,6 +218,23 @@ def test_the_evaluation_stages_read_the_chosen_trial_with_eval_edit_search(selec
     chosen = json.loads((selected / "metrics" / "search.json").read_text())["chosen"]
     ortho = json.loads((selected / "metrics" / "orthogonalize.json").read_text())
     assert ortho["intervention"] == chosen["intervention"]  # orthogonalize.intervention=auto folds the trial's
+
+
+def test_a_per_layer_trial_is_recorded_and_evaluated_like_any_other(selected):
+    overrides = _search_overrides(**{"search.sources": ["per_layer"], "search.variants": ["projected"]})
+    run_stages(selected, "search", **overrides)
+    trials = pd.read_csv(selected / "artifacts" / "search" / "trials.csv")
+    assert set(trials.source) == {"per_layer"} and len(trials) == 5  # no `selected` source: no paper's edit first
+    trial = {"eval.edit": "search", "eval.conditions.harmful_recorded": "{prompts: harmful, intervention: recorded}"}
+    run_stages(selected, "completions", "refusal", "orthogonalize", **overrides, **trial)
+    here = os.getcwd()
+    os.chdir(selected)
+    try:
+        edit = read_edit("search")
+    finally:
+        os.chdir(here)
+    assert edit.per_layer and edit.directions.shape[0] == edit.n_layers
+    assert "harmful_recorded" in json.loads((selected / "metrics" / "refusal.json").read_text())["refusal_rate"]
 
 
 def test_one_run_evaluates_the_chosen_trial_next_to_the_papers_edit(selected):
