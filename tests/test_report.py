@@ -127,6 +127,16 @@ def test_report_picks_up_every_metrics_file_and_timings(workspace):
     assert rows["addition"][:2] == ["–", "0.5"] and "Interventions side by side" in html
 
 
+def test_a_cosmic_selection_is_reported_with_its_own_score(workspace):
+    """direction=cosmic scores candidates by activation similarity alone: its table has no bypass, induce or KL
+    columns, and the report draws its heatmap from the score it has."""
+    scores = pd.read_csv("artifacts/select/scores.csv").drop(columns=["bypass_score", "induce_score", "kl"])
+    scores.assign(cosmic_score=0.1 * scores.layer).to_csv("artifacts/select/scores.csv", index=False)
+    report.run(_cfg())
+    long = pd.read_csv("plots/report/selection_scores.csv")
+    assert set(long.metric) == {"cosmic_score"} and len(long) == len(scores) and long.chosen.sum() == 1
+
+
 def test_wandb_failure_is_logged_and_the_report_still_written(workspace, monkeypatch, caplog):
     import wandb
 

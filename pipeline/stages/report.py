@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 FIGURES = paths.REPORTS / "figures"
 PLOT_DIR = paths.PLOTS / "report"
-SCORE_METRICS = ("bypass_score", "induce_score", "kl")
 BASE_FIELDS = ("instruction", "category", "response")
+SCORE_METRICS = ("bypass_score", "induce_score", "kl", "cosmic_score")  # the selection scores any method writes
 TITLES = {"interventions": "Interventions side by side", "refusal_by_judge": "Refusal by judge and condition"}
 
 
@@ -96,9 +96,11 @@ def refusal_rates(flat: dict[str, Any]) -> pd.DataFrame:
 
 
 def selection_long(scores: pd.DataFrame, chosen: dict) -> pd.DataFrame:
-    """Selection scores as (layer, position, metric, value) rows for the heatmap; NaN (not scored) dropped."""
-    long = scores.melt(id_vars=["layer", "position", "position_label", "status"],
-                       value_vars=list(SCORE_METRICS), var_name="metric").dropna(subset=["value"])
+    """Selection scores as (layer, position, metric, value) rows for the heatmap; NaN (not scored) dropped.
+    The metrics are the scores the direction method wrote (dim and cone: bypass, induce, KL; cosmic: its own)."""
+    metrics = [c for c in SCORE_METRICS if c in scores.columns]
+    long = scores.melt(id_vars=["layer", "position", "position_label", "status"], value_vars=metrics,
+                       var_name="metric").dropna(subset=["value"])
     long["chosen"] = (long.layer == chosen["layer"]) & (long.position == chosen["position"])
     return long[["layer", "position", "position_label", "metric", "value", "status", "chosen"]]
 
