@@ -173,6 +173,16 @@ def selected(tmp_path):
     return project
 
 
+def search_edit(project: Path) -> Edit:
+    """The chosen trial's edit record in ``project`` (read_edit reads from the working directory)."""
+    here = os.getcwd()
+    os.chdir(project)
+    try:
+        return read_edit("search")
+    finally:
+        os.chdir(here)
+
+
 def _search_overrides(**extra) -> dict:
     from pipeline.config import compose_config
 
@@ -192,12 +202,7 @@ def test_search_writes_its_front_the_chosen_edit_and_resumes_without_repeating_t
     first = trials[trials.trial == 0].iloc[0]  # the search starts from the paper's edit: full ablation
     assert (first.source, first.variant, first.attention_peak, first.mlp_floor) == ("selected", "plain", 1.0, 1.0)
     assert 0 <= metrics["hypervolume"] <= metrics["hypervolume_reference"]["refusals"]
-    here = os.getcwd()
-    os.chdir(selected)
-    try:
-        edit = read_edit("search")
-    finally:
-        os.chdir(here)
+    edit = search_edit(selected)
     assert edit.provenance["trial"] == metrics["chosen"]["trial"] and edit.embedding_weight == 0.0
     assert first.attention_width == first.mlp_width == edit.n_layers  # the paper's edit reaches every layer
     # asking for more trials runs only the missing ones, in the same study; another sampler seed starts anew
@@ -227,12 +232,7 @@ def test_a_per_layer_trial_is_recorded_and_evaluated_like_any_other(selected):
     assert set(trials.source) == {"per_layer"} and len(trials) == 5  # no `selected` source: no paper's edit first
     trial = {"eval.edit": "search", "eval.conditions.harmful_recorded": "{prompts: harmful, intervention: recorded}"}
     run_stages(selected, "completions", "refusal", "orthogonalize", **overrides, **trial)
-    here = os.getcwd()
-    os.chdir(selected)
-    try:
-        edit = read_edit("search")
-    finally:
-        os.chdir(here)
+    edit = search_edit(selected)
     assert edit.per_layer and edit.directions.shape[0] == edit.n_layers
     assert "harmful_recorded" in json.loads((selected / "metrics" / "refusal.json").read_text())["refusal_rate"]
 
