@@ -115,10 +115,11 @@ def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,
     at that layer, and a per-layer direction off the mean where it is read, not the selected layer's.
     """
     harmless_mean, per_layer = base.harmless_mean, params["source"] == "per_layer"
+    after_blocks = slice(1, base.n_layers + 1)  # block l's writes enter site l + 1
     if params["source"] == "selected":
         directions = unit(base.direction)[None]
     elif per_layer:
-        directions = unit(candidates[1 : base.n_layers + 1])  # block l's writes enter site l + 1
+        directions = unit(candidates[after_blocks])
         if harmless_means is not None:
             harmless_mean = harmless_means[base.layer].float()
     else:
@@ -130,9 +131,10 @@ def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,
                 embedding_weight=0.0, per_layer=per_layer, harmless_mean=harmless_mean,
                 addition_layer=base.addition_layer, addition_coeff=base.addition_coeff, position=base.position,
                 position_label=base.position_label)
-    if params["variant"] == "projected":
-        edit = (edit.with_directions(orthogonal_to(directions, harmless_means[1 : base.n_layers + 1]))
-                if per_layer and harmless_means is not None else projected(edit))
+    if params["variant"] == "projected" and per_layer and harmless_means is not None:
+        edit = edit.with_directions(orthogonal_to(directions, harmless_means[after_blocks]))  # each off its own site
+    elif params["variant"] == "projected":
+        edit = projected(edit)
     return edit, VARIANTS[params["variant"]]
 
 

@@ -92,7 +92,6 @@ def test_ablating_a_category_direction_is_the_papers_ablation(tiny_lm):
     assert not same == pytest.approx(table[table.ablated == BASELINE].refusal_score.to_numpy(), abs=1e-3)
 
 
-
 def test_a_cones_selected_row_ablates_its_whole_subspace(tiny_lm):
     """With a refusal cone (direction=cone) the selected row removes every basis vector, as the cone's own edit
     does, not only the first."""
@@ -108,6 +107,7 @@ def test_a_cones_selected_row_ablates_its_whole_subspace(tiny_lm):
     assert selected["x"] == pytest.approx(float(want[:2].mean()), abs=1e-4)
     assert selected["y"] == pytest.approx(float(want[2:].mean()), abs=1e-4)
     assert not selected.to_numpy() == pytest.approx(table[table.ablated == "x"].refusal_score.to_numpy(), abs=1e-3)
+
 
 class Killed(Exception):
     """Stands in for the process being killed half-way through a stage."""

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 FIGURES = paths.REPORTS / "figures"
 PLOT_DIR = paths.PLOTS / "report"
-BASE_FIELDS = ("instruction", "category", "response")
 SCORE_METRICS = ("bypass_score", "induce_score", "kl", "cosmic_score")  # the selection scores any method writes
+BASE_FIELDS = ("instruction", "category", "response")
 TITLES = {"interventions": "Interventions side by side", "refusal_by_judge": "Refusal by judge and condition"}
 
 
