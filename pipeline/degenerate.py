@@ -21,12 +21,14 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.errors import ConfigError
-from pipeline.judges import judge_conditions
+from pipeline.judges import judge_conditions, loaded_on_first_use
 from pipeline.models.loading import LoadedModel, load_model, load_tokenizer
 
 SHARES = ("max_repetition", "max_non_language")
@@ -108,16 +110,14 @@ def completion_losses(lm: LoadedModel, items: Sequence[dict], batch_size: int | 
 
 
 def measure_conditions(model_cfg: DictConfig, completions: dict[str, list[dict]], thresholds: Thresholds,
-                       device: str, batch_size: int | str) -> dict[str, list[dict]]:
+                       device: str, batch_size: int | str, store: Checkpoint | None = None) -> dict[str, list[dict]]:
     """Every completion's measures and ``degenerate`` flag, by condition; the model under study is loaded
-    (unedited) only for the loss pass, otherwise just its tokenizer."""
-    if thresholds.max_loss is None:
-        tokenizer, losses = load_tokenizer(model_cfg, device), None
-    else:
-        lm = load_model(model_cfg, device)
-        tokenizer = lm.tokenizer
-        losses = judge_conditions(lambda items, desc: completion_losses(lm, items, batch_size, desc), completions,
-                                  desc="degenerate loss")
+    (unedited) only for the loss pass, and only for completions whose loss ``store`` does not hold already."""
+    tokenizer, losses = load_tokenizer(model_cfg, device), None
+    if thresholds.max_loss is not None:
+        scorer = loaded_on_first_use(lambda: partial(completion_losses, load_model(model_cfg, device),
+                                                     batch_size=batch_size))
+        losses = judge_conditions(scorer, completions, desc="degenerate loss", store=store)
     out = {}
     for condition, items in completions.items():
         records = [text_measures(tokenizer, item["response"], thresholds.ngram) for item in items]

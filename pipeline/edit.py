@@ -21,6 +21,8 @@ JSON, for people and for DVC's params-like diffs).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,6 +111,14 @@ class Edit:
             "addition": {"layer": self.addition_layer, "coeff": self.addition_coeff},
             "provenance": self.provenance,
         }
+
+    def digest(self) -> str:
+        """A hash of the whole record, tensors and metadata: results kept for one record serve no other."""
+        digest = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True, default=str).encode())
+        for name in TENSORS:
+            if (tensor := getattr(self, name)) is not None:
+                digest.update(name.encode() + tensor.float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def validate(self) -> None:
         """Shapes that fit together; every problem names the file to regenerate."""

@@ -35,12 +35,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.edit import Edit, edit_files, load_edit
+from pipeline.edit import Edit, load_edit
 from pipeline.errors import ConfigError
 from pipeline.hooks import acting_on_rows, activation_addition, directional_ablation, unit, weighted_ablation
 from pipeline.models.adapters import ModelAdapter
@@ -135,9 +134,10 @@ class Edits:
         sources = dict.fromkeys([default, *(split_reference(r, default)[1] for r in references)])
         return cls(lm, {source: load_edit(lm, source) for source in sources}, default)
 
-    def files(self) -> list[Path]:
-        """Every loaded record's files (for checkpoints that must not outlive a changed record)."""
-        return [path for source in self.records for path in edit_files(source)]
+    def digest(self, reference: str) -> str:
+        """A hash of the record ``reference`` reads (``Edit.digest``): results kept for a condition serve only
+        that record."""
+        return self.records[split_reference(reference, self.default)[1]].digest()
 
     def apply(self, reference: str) -> AbstractContextManager:
         """The referenced intervention with its edit record, for the duration of a ``with`` block."""

@@ -40,6 +40,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, content_key
 from pipeline.errors import ConfigError
 from pipeline.inference import Runner
 from pipeline.models.loading import eos_token_ids, load_pretrained
@@ -351,36 +352,43 @@ def judge_conditions(judge: Callable[..., list[dict]], completions: dict[str, li
     condition. A judge reads only the instruction and the response, so a pair that recurs (interventions
     that barely differ often write the same completion for a prompt) is judged once. The distinct pairs are
     judged in chunks of ``JUDGE_CHUNK`` across conditions (one batch schedule and prefix cache per chunk);
-    with a ``store`` each chunk's results are saved as it finishes and reused on a rerun, since a model
-    judge on CPU can take hours."""
+    with a ``store`` each chunk's results are saved, keyed by its pairs, as it finishes, and a pair found
+    there is not judged again: a killed stage resumes (a model judge on CPU can take hours), and a rerun
+    that adds a condition judges only the new pairs."""
     distinct: dict[tuple[str, str], dict] = {}
     for items in completions.values():
         for item in items:
             distinct.setdefault((item["instruction"], item["response"]), item)
-    flat = list(distinct.values())
-    results: list[dict] = []
-    with tqdm(total=len(flat), desc=desc, unit="completion", disable=len(flat) <= JUDGE_CHUNK) as bar:
-        for start in range(0, len(flat), JUDGE_CHUNK):
-            chunk = flat[start:start + JUDGE_CHUNK]
-            saved = store.get(str(start)) if store is not None else None
-            if saved is None:
-                saved = judge(chunk, desc=desc)
-                if store is not None:
-                    store.put(str(start), saved)
-            results += saved
+    found: dict[tuple[str, str], dict] = {}
+    for chunk in store.values() if store is not None else ():
+        found.update({(instruction, response): result for instruction, response, result in chunk})
+    pending = [pair for pair in distinct if pair not in found]
+    with tqdm(total=len(pending), desc=desc, unit="completion", disable=len(pending) <= JUDGE_CHUNK) as bar:
+        for start in range(0, len(pending), JUDGE_CHUNK):
+            chunk = pending[start:start + JUDGE_CHUNK]
+            results = judge([distinct[pair] for pair in chunk], desc=desc)
+            if store is not None:
+                store.put(content_key(chunk), [[*pair, result] for pair, result in zip(chunk, results, strict=True)])
+            found.update(zip(chunk, results, strict=True))
             bar.update(len(chunk))
-    found = dict(zip(distinct, results, strict=True))
     total = sum(map(len, completions.values()))
-    if len(flat) < total:
-        log.info("%s: %d distinct of %d completions judged", desc, len(flat), total)
+    if len(pending) < total:
+        log.info("%s: %d of %d completions judged (the rest repeat a pair or were judged before)", desc,
+                 len(pending), total)
     return {condition: [dict(found[item["instruction"], item["response"]]) for item in items]
             for condition, items in completions.items()}
 
 
-def judge_checkpoint(stage: str, cfg: DictConfig, inputs: Sequence[Path]) -> Checkpoint:
-    """The checkpoint of a judging stage: its verdicts depend on the judged files and on the shipped judge
-    templates too."""
-    return Checkpoint.open(stage, cfg, [*inputs, *sorted(TEMPLATES.iterdir())])
+def loaded_on_first_use(load: Callable[[], Callable[..., list[dict]]]) -> Callable[..., list[dict]]:
+    """A judge whose model loads at its first call: a rerun may find every verdict in its checkpoint."""
+    judge = cache(load)
+    return lambda items, desc: judge()(items, desc=desc)
+
+
+def judge_checkpoint(stage: str, cfg: DictConfig) -> Checkpoint:
+    """The kept checkpoint of a judging stage: its verdicts are keyed by what they judge (the shipped judge
+    templates are the pipeline's code, which a kept checkpoint hashes)."""
+    return Checkpoint.open(stage, cfg, [], kept=True)
 
 
 def free_memory() -> None:

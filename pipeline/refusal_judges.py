@@ -35,7 +35,15 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from pipeline.checkpoint import Checkpoint
 from pipeline.degenerate import Thresholds, measure_conditions
 from pipeline.errors import ConfigError
-from pipeline.judges import ModelJudge, WildGuard, check_spec, free_memory, judge_conditions, registry
+from pipeline.judges import (
+    ModelJudge,
+    WildGuard,
+    check_spec,
+    free_memory,
+    judge_conditions,
+    loaded_on_first_use,
+    registry,
+)
 from pipeline.models.loading import LoadedModel, load_model, load_pretrained
 from pipeline.refusal import is_refusal
 from pipeline.stats import mcnemar, wilson_interval
@@ -176,7 +184,7 @@ def run_judge(name: str, spec: DictConfig, completions: dict[str, list[dict]], d
     chunks survive a kill. The judge's model is released before returning."""
     if per_condition is not None:
         completions = {c: items[:per_condition] for c, items in completions.items()}
-    judge = load_refusal_judge(name, spec, device)
+    judge = loaded_on_first_use(lambda: load_refusal_judge(name, spec, device))
     judged = judge_conditions(judge, completions, desc=name, store=store)
     del judge
     free_memory()
@@ -196,7 +204,8 @@ def judge_completions(cfg: DictConfig, completions: dict[str, list[dict]], check
     names = list(cfg.eval.refusal.judges)
     check_judges(names, cfg.eval.refusal_judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
-    measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size)
+    measures = measure_conditions(cfg.model, completions, thresholds, cfg.runtime.device, cfg.runtime.batch_size,
+                                  checkpoint.scope("degenerate loss") if checkpoint is not None else None)
     flags = {c: [m["degenerate"] for m in found] for c, found in measures.items()}
     specs = cfg.eval.refusal_judges
     return measures, {name: run_judge(name, specs[name], completions, flags, cfg.runtime.device,

@@ -3,6 +3,7 @@ compliance, degenerate or unparsable; garbage is never compliance; unparsable an
 guessed."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -244,6 +245,7 @@ def test_a_killed_judging_resumes_from_its_finished_chunks(tmp_path, monkeypatch
     cfg = stage_config(tiny_dir, ["substring"])
     refusal.run(cfg)
     uninterrupted = outputs(tmp_path)
+    shutil.rmtree(tmp_path / "artifacts" / "checkpoints")  # judged from nothing again
 
     real, calls, killed = SubstringJudge.__call__, [], []
 
@@ -261,7 +263,29 @@ def test_a_killed_judging_resumes_from_its_finished_chunks(tmp_path, monkeypatch
     refusal.run(cfg)
     assert calls == [8, 8, 3]  # the first two chunks came back from the checkpoint
     assert outputs(tmp_path) == uninterrupted
-    assert not (tmp_path / "artifacts" / "checkpoints" / "refusal").exists()  # cleared once outputs are written
+
+
+def test_a_rerun_that_adds_a_compared_edit_judges_only_that_edits_completions(tmp_path, monkeypatch, tiny_dir):
+    """The judges' verdicts are kept by what they judged: adding ``eval.compared`` (which DVC answers by
+    re-running the whole stage) judges the new condition's completions and no others."""
+    monkeypatch.chdir(tmp_path)
+    write_completions(tmp_path)
+    refusal.run(stage_config(tiny_dir, ["substring"]))
+    before = outputs(tmp_path)[0]["refusal_rate"]
+    added = [{"instruction": f"Prompt {i} for harmful_ablation?", "category": None, "response": r}
+             for i, r in enumerate([REFUSAL, ANSWER, ANSWER, SYMBOLS, REFUSAL])]
+    (tmp_path / "artifacts" / "completions" / "harmful_ablation@search.json").write_text(json.dumps(added))
+    real, judged = SubstringJudge.__call__, []
+
+    def counted(self, items, desc="substring"):
+        judged.extend(items)
+        return real(self, items, desc)
+
+    monkeypatch.setattr(SubstringJudge, "__call__", counted)
+    refusal.run(stage_config(tiny_dir, ["substring"], **{"eval.compared": ["ablation@search"]}))
+    assert [(i["instruction"][7], i["response"]) for i in judged] == [("2", ANSWER), ("4", REFUSAL)]  # new pairs only
+    rates = outputs(tmp_path)[0]["refusal_rate"]
+    assert rates == {**before, "harmful_ablation@search": 0.4}
 
 
 def test_with_a_loss_threshold_text_the_unedited_model_finds_unlikely_is_degenerate(tmp_path, monkeypatch, tiny_dir):

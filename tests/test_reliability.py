@@ -233,7 +233,7 @@ def test_killed_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert "restored from checkpoint" in rerun.stdout + rerun.stderr
     for path in sorted((reference / "artifacts" / "completions").glob("*.json")):
         assert (project / "artifacts" / "completions" / path.name).read_bytes() == path.read_bytes(), path.name
-    assert not checkpoints.exists() or not list(checkpoints.glob("*/*.json"))
+    assert list(checkpoints.glob("*/*.json"))  # kept: a rerun that adds a condition decodes only that one
 
 
 def test_activation_means_survive_an_out_of_memory_retry_half_way_through_a_pass(tiny_lm):
@@ -274,3 +274,24 @@ def test_a_checkpoint_outlives_changes_to_parameters_its_stage_does_not_read(tmp
     store.put("bypass/0/1", -3.5)
     inputs[0].write_text("[2]")
     assert Checkpoint.open("select", cfg, inputs).get("bypass/0/1") is None
+
+
+def test_a_kept_checkpoint_serves_a_rerun_that_only_adds_compared_edits_and_no_other_code(tmp_path, monkeypatch):
+    """The evaluation stages keep their checkpoints after a successful run: a rerun whose only change is
+    ``eval.compared`` finds them; one with other code, or other parameters the stage reads, starts afresh."""
+    from pipeline import checkpoint
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.config import compose_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config()
+    Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").put("tokens", [[1, 2]])
+    OmegaConf.update(cfg, "eval.compared", ["recorded@search"])
+    kept = Checkpoint.open("completions", cfg, [], kept=True)
+    assert kept.scope("harmful_ablation", "record-1").get("tokens") == [[1, 2]]
+    assert kept.scope("harmful_ablation", "record-2").get("tokens") is None  # another edit record
+    OmegaConf.update(cfg, "eval.max_new_tokens", 7)
+    assert Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").get("tokens") is None
+    Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").put("tokens", [[1, 2]])
+    monkeypatch.setattr(checkpoint, "code_digest", lambda: "other code")
+    assert Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").get("tokens") is None

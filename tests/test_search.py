@@ -259,6 +259,32 @@ def test_one_run_evaluates_the_chosen_trial_next_to_the_papers_edit(selected):
     assert "| recorded@search |" in (selected / "reports" / "summary.md").read_text()
 
 
+def test_adding_the_chosen_trial_evaluates_only_the_trial_again(selected, monkeypatch):
+    """``search=optuna`` adds ``eval.compared``, so DVC re-runs every evaluation stage; their kept checkpoints
+    decode and score only the trial's condition again, and the paper's conditions keep their results."""
+    from pipeline.inference import Runner
+    from pipeline.interventions import Edits
+
+    overrides = _search_overrides()
+    run_stages(selected, "search", "completions", "loss", **overrides)
+    completions = selected / "artifacts" / "completions"
+    before = {path.name: path.read_bytes() for path in completions.glob("*.json")}
+    loss_before = json.loads((selected / "metrics" / "loss.json").read_text())
+    decoded, applied, generate, apply = [], [], Runner.generate, Edits.apply
+    monkeypatch.setattr(Runner, "generate", lambda self, prompts, *a, **k: decoded.append(len(prompts))
+                        or generate(self, prompts, *a, **k))
+    monkeypatch.setattr(Edits, "apply", lambda self, reference: applied.append(reference) or apply(self, reference))
+    run_stages(selected, "completions", "loss", **overrides, **{"eval.compared": "[recorded@search]"})
+    harmful = json.loads((completions / "harmful_baseline.json").read_text())
+    assert decoded == [len(harmful)]  # the trial's condition alone
+    assert {path.name: path.read_bytes() for path in completions.glob("*.json") if path.name in before} == before
+    assert set(applied) <= {"recorded@search", "baseline"} and "recorded@search" in applied
+    loss = json.loads((selected / "metrics" / "loss.json").read_text())
+    assert loss["kl_harmless_test"] == {**loss_before["kl_harmless_test"], "recorded@search": pytest.approx(
+        loss["kl_harmless_test"]["recorded@search"])}
+    assert loss["ce_loss"]["general_text"]["delta_ablation"] == loss_before["ce_loss"]["general_text"]["delta_ablation"]
+
+
 def test_an_intervention_reference_to_a_stage_without_edit_records_says_which_to_name(selected):
     with pytest.raises(ConfigError, match=r"\['ablation@filter'\] in eval.loss.interventions"):
         check_names(["baseline", "ablation@filter"], "eval.loss.interventions")

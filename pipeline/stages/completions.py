@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
     edits = Edits.load(lm, [name for _, name in todo.values()], cfg.eval.edit)
     inputs = prompt_files(side for side, _ in todo.values())
-    checkpoint = Checkpoint.open("completions", cfg, [*inputs, *edits.files()])
+    checkpoint = Checkpoint.open("completions", cfg, inputs, kept=True)
     records = {side: read_prompts(side) for side in dict.fromkeys(side for side, _ in todo.values())}
     jobs = {condition: (name, instructions(records[side])) for condition, (side, name) in todo.items()}
     found = complete_conditions(lm, edits, jobs, cfg.eval.max_new_tokens, cfg.eval.batch_size, "completions",
@@ -47,7 +47,6 @@ def run(cfg: DictConfig) -> None:
             for r, text in zip(records[side], responses, strict=True)
         ])
         log.info("%s: %d completions", condition, len(responses))
-    checkpoint.clear()
 
 
 def main() -> None:

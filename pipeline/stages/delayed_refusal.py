@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
     edits = Edits.load(lm, names, cfg.eval.edit)
     inputs = prompt_files(conditions[c][0] for c in settings.conditions)
-    checkpoint = Checkpoint.open("delayed_refusal", cfg, [*inputs, *edits.files()])
+    checkpoint = Checkpoint.open("delayed_refusal", cfg, inputs, kept=True)
     records = {c: read_prompts(conditions[c][0])[: settings.n_prompts] for c in settings.conditions}
     jobs = {c: (conditions[c][1], lm.encode(instructions(records[c]))) for c in settings.conditions}
     generated = condition_tokens(lm, edits, jobs, settings.max_new_tokens, cfg.eval.batch_size,
@@ -87,7 +87,6 @@ def run(cfg: DictConfig) -> None:
         "max_change": settings.max_change,
         "shortest_stable_budget": shortest_stable_budget(shares, settings.max_change),
     })
-    checkpoint.clear()
     log.info("verdicts that change between %d and %d tokens: %d of %d", cfg.eval.max_new_tokens,
              settings.max_new_tokens, at_eval, len(pooled[settings.max_new_tokens]))
 

@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> None:
     questions = interleaved(load_questions(source), settings.n_questions)
     lm = load_model(cfg.model, cfg.runtime.device)
     edits = Edits.load(lm, names, cfg.eval.edit)
-    checkpoint = Checkpoint.open("false_premise", cfg, [source, *edits.files()])
+    checkpoint = Checkpoint.open("false_premise", cfg, [source], kept=True)
     asked = [q["question"] for q in questions]
     completed = complete_conditions(lm, edits, {name: (name, asked) for name in names}, settings.max_new_tokens,
                                     cfg.eval.batch_size, "false premise", checkpoint)
@@ -57,7 +57,6 @@ def run(cfg: DictConfig) -> None:
         log.info("false premise %s: correct %s", name, {kind: m["correct"] for kind, m in by_kind.items()})
     write_json(paths.stage_dir("false_premise") / "answers.json", answers)
     write_json(paths.metrics("false_premise"), {"n_questions": len(questions), "by_intervention": metrics})
-    checkpoint.clear()
 
 
 def main() -> None:

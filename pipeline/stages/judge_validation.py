@@ -51,7 +51,7 @@ def binary(verdict: str | None) -> str | None:
 def run(cfg: DictConfig) -> None:
     items = labelled_items()
     completions = {"labelled": [{"instruction": i["instruction"], "response": i["response"]} for i in items]}
-    checkpoint = judge_checkpoint("judge_validation", cfg, [LABELLED])
+    checkpoint = judge_checkpoint("judge_validation", cfg)
     _, judged = judge_completions(cfg, completions, checkpoint, whole=True)
     labels = [i["label"] for i in items]
     metrics, rows = {}, [dict(i) for i in items]
@@ -68,7 +68,6 @@ def run(cfg: DictConfig) -> None:
     write_json(paths.metrics("judge_validation"), {"n_labelled": len(items), "labels": {v: labels.count(v)
                                                                                          for v in VERDICTS},
                                                    "judges": metrics})
-    checkpoint.clear()
 
 
 def main() -> None:

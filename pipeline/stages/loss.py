@@ -11,7 +11,8 @@ an ``<intervention>@<stage>`` reference names):
   either side, or ``eval.loss.ci_relative`` of the change itself (a large change is known well enough
   sooner; the baseline stops once all have stopped; at most ``max_documents``): each figure gets the
   sample it needs, no larger, and its change is against the baseline on the same documents. Each
-  chunk's scores are checkpointed, so a killed stage resumes where it stopped;
+  chunk's scores are checkpointed, so a killed stage resumes where it stopped, and kept, so a rerun that
+  adds an intervention (``eval.compared``) scores only that one and what its stopping rule needs;
 * the KL divergence of the next-token distribution at the end of each harmless test prompt, from the
   unedited model to the intervened one (the first-token KL that abliteration tools report).
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline import paths
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, content_key
 from pipeline.cli import run_stage
 from pipeline.conditions import with_compared
 from pipeline.data_sources import load_texts
@@ -71,6 +72,7 @@ def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequ
     intervals: dict[str, tuple[float, float] | None] = {}
     pending = [name for name in names if name != "baseline"]  # changes whose interval is still too wide
     baseline_only = not pending  # nothing to stop on: the baseline's CE over every document
+    stores = {name: store.scope(name, edits.digest(name)) for name in names}  # a chunk's scores serve one record
     restored = 0
 
     def change(name: str) -> float:
@@ -82,13 +84,12 @@ def sample_cross_entropies(lm: LoadedModel, edits: Edits, names: list[str], sequ
             start = len(scored["baseline"])
             chunk = sequences[start : start + step]
             for name in ["baseline", *pending]:
-                key = f"{name}/{start}"
-                rows = store.get(key)
+                rows = stores[name].get(str(start))
                 restored += rows is not None
                 if rows is None:
                     with edits.apply(name):
                         rows = runner.response_nll(chunk, prefix)
-                    store.put(key, rows)
+                    stores[name].put(str(start), rows)
                 scored[name] += [tuple(row) for row in rows]
             bar.update(len(chunk))
             counts = [c for _, c in scored["baseline"]]
@@ -134,7 +135,7 @@ def run(cfg: DictConfig) -> None:
             lm.chat.prefix_ids,
         ),
     }
-    checkpoint = Checkpoint.open("loss", cfg, [paths.completions("harmless_baseline"), *edits.files()])
+    checkpoint = Checkpoint.open("loss", cfg, [paths.completions("harmless_baseline")], kept=True)
     metrics: dict[str, dict[str, float]] = {}
     for corpus, (sequences, prefix) in corpora.items():
         if not sequences:
@@ -143,23 +144,26 @@ def run(cfg: DictConfig) -> None:
             continue
         metrics[corpus] = sample_cross_entropies(lm, edits, names, sequences, prefix, loss_cfg, corpus,
                                                  checkpoint.scope(corpus))
-    kl = first_token_kl(lm, edits, names, instructions(read_split("data", "harmless", "test")), cfg.runtime.batch_size)
+    kl = first_token_kl(lm, edits, names, instructions(read_split("data", "harmless", "test")), cfg.runtime.batch_size,
+                        checkpoint.scope("kl"))
     write_json(paths.metrics("loss"), {"ce_loss": metrics, "kl_harmless_test": kl})
-    checkpoint.clear()
     log.info("CE loss: %s; first-token KL on harmless test prompts: %s", metrics, kl)
 
 
-def first_token_kl(lm: LoadedModel, edits: Edits, names: list[str], texts: list[str], batch_size) -> dict[str, float]:
-    """Mean KL(unedited || intervened) of the next-token distribution at the end of each prompt."""
-    runner, prompts = lm.runner(batch_size, progress=False), lm.encode(texts)
-    reference = runner.last_logits(prompts, lm.chat.prefix_ids)
-    out = {}
-    for name in names:
-        if name == "baseline":
-            continue
-        with edits.apply(name):
-            logits = runner.last_logits(prompts, lm.chat.prefix_ids)
-        out[name] = round(float(kl_divergence(reference, logits).mean()), 6)
+def first_token_kl(lm: LoadedModel, edits: Edits, names: list[str], texts: list[str], batch_size,
+                   store: Checkpoint) -> dict[str, float]:
+    """Mean KL(unedited || intervened) of the next-token distribution at the end of each prompt; each
+    intervention's kept in ``store`` (scoped by its record) and not measured again."""
+    runner, prompts, key = lm.runner(batch_size, progress=False), lm.encode(texts), content_key(texts)
+    scopes = {name: store.scope(name, edits.digest(name)) for name in names if name != "baseline"}
+    out = {name: scope.get(key) for name, scope in scopes.items()}
+    if any(value is None for value in out.values()):
+        reference = runner.last_logits(prompts, lm.chat.prefix_ids)
+        for name in [name for name, value in out.items() if value is None]:
+            with edits.apply(name):
+                logits = runner.last_logits(prompts, lm.chat.prefix_ids)
+            out[name] = round(float(kl_divergence(reference, logits).mean()), 6)
+            scopes[name].put(key, out[name])
     return out
 
 

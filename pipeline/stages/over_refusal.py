@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> None:
     lm = load_model(cfg.model, cfg.runtime.device)
     edits = Edits.load(lm, kinds, cfg.eval.edit)
     substrings = list(cfg.eval.refusal_substrings)
-    checkpoint = Checkpoint.open("over_refusal", cfg, edits.files())
+    checkpoint = Checkpoint.open("over_refusal", cfg, [], kept=True)
     flags: dict[str, list[bool]] = {}
     found = complete_conditions(lm, edits, {kind: (kind, instructions(records)) for kind in kinds}, oc.max_new_tokens,
                                 cfg.eval.batch_size, "over-refusal", checkpoint, stop_at)
@@ -92,7 +92,6 @@ def run(cfg: DictConfig) -> None:
         "refusal_rate_by_category": rates_by_category(records, flags),
         "n_prompts": len(records),
     })
-    checkpoint.clear()
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> None:
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     files = [paths.completions(c) for c in conditions]
     completions = {c: read_json(f) for c, f in zip(conditions, files)}
-    checkpoint = judge_checkpoint("refusal", cfg, files)
+    checkpoint = judge_checkpoint("refusal", cfg)
     measures, judged = judge_completions(cfg, completions, checkpoint)
     summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)
                  for name, by_condition in judged.items()}
@@ -48,7 +48,6 @@ def run(cfg: DictConfig) -> None:
         "by_judge": summaries,
         "degenerate": {"share": shares(measures), "thresholds": asdict(thresholds)},
     })
-    checkpoint.clear()
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> None:
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
     files = [paths.completions(c) for c in conditions]
     completions = {c: read_json(f) for c, f in zip(conditions, files)}
-    checkpoint = judge_checkpoint("safety", cfg, files)
+    checkpoint = judge_checkpoint("safety", cfg)
     for name in names:
         judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
         judged = judge_conditions(judge, completions, desc=name, store=checkpoint.scope(name))
@@ -64,7 +64,6 @@ def run(cfg: DictConfig) -> None:
         del judge
         free_memory()
     write_json(paths.metrics("safety"), metrics)
-    checkpoint.clear()
 
 
 def main() -> None:
