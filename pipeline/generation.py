@@ -116,8 +116,7 @@ def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[lis
             tokens = lm.runner(batch_size).generate(
                 prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=f"{desc} ({len(stacked)} together)",
                 store=store.scope("+".join(stacked), content_key([edits.digest(todo[key][0]) for key in stacked])),
-                stop=stopper(lm, stop_at, None),
-                groups=Groups(of, rows.track))
+                stop=stopper(lm, stop_at, None), groups=Groups(of, rows.track))
         for key in stacked:
             out[key], tokens = tokens[: len(todo[key][1])], tokens[len(todo[key][1]):]
             scopes[key].put(finished_key[key], out[key])

@@ -283,15 +283,17 @@ def test_a_kept_checkpoint_serves_a_rerun_that_only_adds_compared_edits_and_no_o
     from pipeline.checkpoint import Checkpoint
     from pipeline.config import compose_config
 
+    def ablation_tokens(cfg, record="record-1"):
+        return Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", record)
+
     monkeypatch.chdir(tmp_path)
     cfg = compose_config()
-    Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").put("tokens", [[1, 2]])
+    ablation_tokens(cfg).put("tokens", [[1, 2]])
     OmegaConf.update(cfg, "eval.compared", ["recorded@search"])
-    kept = Checkpoint.open("completions", cfg, [], kept=True)
-    assert kept.scope("harmful_ablation", "record-1").get("tokens") == [[1, 2]]
-    assert kept.scope("harmful_ablation", "record-2").get("tokens") is None  # another edit record
+    assert ablation_tokens(cfg).get("tokens") == [[1, 2]]
+    assert ablation_tokens(cfg, "record-2").get("tokens") is None  # another edit record
     OmegaConf.update(cfg, "eval.max_new_tokens", 7)
-    assert Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").get("tokens") is None
-    Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").put("tokens", [[1, 2]])
+    assert ablation_tokens(cfg).get("tokens") is None
+    ablation_tokens(cfg).put("tokens", [[1, 2]])
     monkeypatch.setattr(checkpoint, "code_digest", lambda: "other code")
-    assert Checkpoint.open("completions", cfg, [], kept=True).scope("harmful_ablation", "record-1").get("tokens") is None
+    assert ablation_tokens(cfg).get("tokens") is None
