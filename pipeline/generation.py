@@ -89,15 +89,15 @@ def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[lis
     one per condition. A weight edit changes the model for every row, so its condition runs alone. Either
     way each completion is what it would be alone.
 
-    Each condition's tokens are kept in ``store``, scoped by its edit record and keyed by its prompts and
+    Each condition's batches and tokens are kept in ``store``, scoped by its edit record, prompts and
     budget: a condition already there (a kept checkpoint's earlier run) is not decoded again.
     """
-    scopes = {key: store.scope(key, edits.digest(reference)) for key, (reference, _) in jobs.items()}
-    finished_key = {key: f"tokens/{content_key([prompts, max_new_tokens, list(stop_at)])}"
-                    for key, (_, prompts) in jobs.items()}
+    versions = {key: content_key([edits.digest(reference), prompts, max_new_tokens, list(stop_at)])
+                for key, (reference, prompts) in jobs.items()}
+    scopes = {key: store.scope(key, version) for key, version in versions.items()}
     out: dict[str, list[list[int]]] = {}
     for key in jobs:
-        if (found := scopes[key].get(finished_key[key])) is not None:
+        if (found := scopes[key].get("tokens")) is not None:
             out[key] = found
     if out:
         log.info("%s: %s restored from the checkpoint", desc, ", ".join(out))
@@ -115,17 +115,17 @@ def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[lis
                     hooks.enter_context(edits.apply(todo[key][0]))
             tokens = lm.runner(batch_size).generate(
                 prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=f"{desc} ({len(stacked)} together)",
-                store=store.scope("+".join(stacked), content_key([edits.digest(todo[key][0]) for key in stacked])),
+                store=store.scope("+".join(stacked), content_key([versions[key] for key in stacked])),
                 stop=stopper(lm, stop_at, None), groups=Groups(of, rows.track))
         for key in stacked:
             out[key], tokens = tokens[: len(todo[key][1])], tokens[len(todo[key][1]):]
-            scopes[key].put(finished_key[key], out[key])
+            scopes[key].put("tokens", out[key])
     for key, (reference, prompts) in todo.items():
         if key not in out:
             with edits.apply(reference):
                 out[key] = completion_tokens(lm, prompts, max_new_tokens, batch_size, f"{desc}: {key}",
                                              scopes[key], stop_at)
-            scopes[key].put(finished_key[key], out[key])
+            scopes[key].put("tokens", out[key])
     return {key: out[key] for key in jobs}
 
 

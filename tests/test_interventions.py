@@ -384,3 +384,30 @@ def test_conditions_decoded_together_get_the_completions_each_gets_alone(tiny_lm
     with_stops = condition_tokens(lm, edits, encoded, 6, 8, "together, stopped", Checkpoint(tmp_path / "stopped"),
                                   stop_at)
     assert with_stops["harmful_ablation"] == stopped
+
+
+def test_a_kept_condition_is_reused_only_for_the_same_record_prompts_and_budget(tiny_lm, monkeypatch, tmp_path):
+    """A kept checkpoint hands back a condition's completions on a rerun; another edit record, other
+    prompts or another budget decode that condition again (and only that one)."""
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.generation import condition_tokens
+    from pipeline.inference import Runner
+    from pipeline.interventions import Edits
+
+    lm = tiny_lm("qwen2")
+    edits = Edits(lm, {"select": _edit(lm), "search": _trial_edit(lm)}, default="select")
+    encoded = {"harmful_ablation": ("ablation", lm.encode(PROMPTS)), "trial": ("recorded@search", lm.encode(PROMPTS))}
+    store = Checkpoint(tmp_path)
+    first = condition_tokens(lm, edits, encoded, 6, 8, "first", store)
+    decoded, generate = [], Runner.generate
+    monkeypatch.setattr(Runner, "generate", lambda self, prompts, *a, **k: decoded.append(len(prompts))
+                        or generate(self, prompts, *a, **k))
+    assert condition_tokens(lm, edits, encoded, 6, 8, "again", store) == first and decoded == []
+    fewer = {**encoded, "harmful_ablation": ("ablation", lm.encode(PROMPTS[1:]))}
+    again = condition_tokens(lm, edits, fewer, 6, 8, "other prompts", store)
+    assert again["harmful_ablation"] == first["harmful_ablation"][1:] and decoded == [len(PROMPTS) - 1]
+    another_trial = Edits(lm, {"select": _edit(lm), "search": _edit(lm)}, default="select")
+    condition_tokens(lm, another_trial, encoded, 6, 8, "other record", store)
+    assert decoded[1:] == [len(PROMPTS)]  # the trial alone
+    condition_tokens(lm, edits, encoded, 4, 8, "other budget", store)
+    assert decoded[2:] == [2 * len(PROMPTS)]  # both, together
