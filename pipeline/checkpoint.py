@@ -10,8 +10,8 @@ written atomically, so a kill at any moment leaves only whole entries behind.
 
 The evaluation stages evaluate several conditions, and DVC re-runs all of them when one is added (a
 compared edit, ``eval.compared``, say). Their checkpoints are ``kept``: a successful run leaves its
-entries, each condition's scoped by the digest of what that condition alone reads (its edit record;
-``scope``) or keyed by its content, so a rerun computes only what changed. A kept checkpoint's
+entries, each condition's scoped by a digest of what that condition alone reads (its edit record, its
+prompts; ``scope``) or keyed by its content, so a rerun computes only what changed. A kept checkpoint's
 fingerprint also hashes the pipeline's code (a rerun after a code change starts afresh) and leaves out
 ``eval.compared``.
 """
@@ -58,8 +58,8 @@ class Checkpoint:
         return cls(stage_dir / fingerprint)
 
     def scope(self, name: str, version: str = "") -> Checkpoint:
-        """A view whose keys are prefixed with ``name`` (e.g. one generation condition) and ``version`` (the
-        digest of what only that part reads, its edit record), so its entries serve no other version of it."""
+        """A view whose keys are prefixed with ``name`` (e.g. one generation condition) and ``version`` (a
+        digest of what only that part reads: its edit record, its prompts), so its entries serve no other."""
         return Checkpoint(self.root, f"{self.namespace}{name}{'#' + version if version else ''}/")
 
     def _path(self, key: str) -> Path:
