@@ -33,8 +33,7 @@ def run(cfg: DictConfig) -> None:
     names = list(cfg.eval.refusal.judges)
     thresholds = Thresholds.from_config(cfg.eval.refusal.degenerate)
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
-    files = [paths.completions(c) for c in conditions]
-    completions = {c: read_json(f) for c, f in zip(conditions, files)}
+    completions = {c: read_json(paths.completions(c)) for c in conditions}
     checkpoint = judge_checkpoint("refusal", cfg)
     measures, judged = judge_completions(cfg, completions, checkpoint)
     summaries = {name: summarize({c: [v["verdict"] for v in found] for c, found in by_condition.items()}, conditions)

@@ -11,6 +11,7 @@ re-runs this stage. The default list is empty: the judges are gated hub models t
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from omegaconf import DictConfig
 
@@ -19,7 +20,7 @@ from pipeline.cli import run_stage
 from pipeline.conditions import eval_conditions
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
-from pipeline.judges import check_spec, free_memory, judge_checkpoint, judge_conditions, load_judge
+from pipeline.judges import check_spec, free_memory, judge_checkpoint, judge_conditions, load_judge, loaded_on_first_use
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,10 @@ def run(cfg: DictConfig) -> None:
         log.warning("eval.stop_policy=%s: the judges read completions that end at their first refusal phrase; "
                     "set eval.stop_policy=none for whole completions", cfg.eval.stop_policy)
     conditions = eval_conditions(cfg.eval.conditions, cfg.eval.sets, cfg.eval.compared)
-    files = [paths.completions(c) for c in conditions]
-    completions = {c: read_json(f) for c, f in zip(conditions, files)}
+    completions = {c: read_json(paths.completions(c)) for c in conditions}
     checkpoint = judge_checkpoint("safety", cfg)
     for name in names:
-        judge = load_judge(name, cfg.eval.judges[name], cfg.runtime.device)
+        judge = loaded_on_first_use(partial(load_judge, name, cfg.eval.judges[name], cfg.runtime.device))
         judged = judge_conditions(judge, completions, desc=name, store=checkpoint.scope(name))
         verdicts = {c: [{**item, **v} for item, v in zip(items, judged[c], strict=True)]
                     for c, items in completions.items()}
