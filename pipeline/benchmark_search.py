@@ -13,7 +13,9 @@ with:
   match case-insensitively anywhere in the completion; heretic also counts an empty completion as a
   refusal and folds typographic apostrophes first);
 * the same KL: exact KL(unedited || edited) of the first generated token's distribution, averaged over
-  the harmless evaluation prompts.
+  the harmless evaluation prompts;
+* the same dtype, unless ``--heretic-dtype`` gives heretic another (each tool then measures its KL against
+  its own unedited model in its own dtype).
 
 The project's search uses the direction sources of ``search.sources`` except ``selected`` (heretic has no
 selected direction to offer): fractional-layer and per-layer directions, read at the last post-instruction
@@ -231,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-fit", type=int, default=64, help="harmful and harmless fitting prompts each")
     parser.add_argument("--n-eval", type=int, default=24, help="harmful and harmless evaluation prompts each")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated to judge refusal")
+    parser.add_argument("--heretic-dtype", choices=("bfloat16", "float16", "float32"),
+                        help="heretic's dtype (default: the one our side loads, model.dtype). On a CPU with AMX "
+                             "heretic's bfloat16 products fall back from oneDNN and run far slower than float32, "
+                             "so its best setting there is float32 while ours is bfloat16")
     parser.add_argument("--paper-dir", type=Path, default=Path("../shared/datasets/refusal_direction"))
     parser.add_argument("--heretic-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts/benchmark/search"))
@@ -244,17 +250,19 @@ def main(argv: list[str] | None = None) -> None:
     set_weight_first_rows(cfg.runtime.weight_first_rows)
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.model, device)
-    model_dir, _ = checkpoint(cfg.model, dtype)
+    heretic_dtype = args.heretic_dtype or dtype
+    heretic_model_dir, _ = checkpoint(cfg.model, heretic_dtype)
     prompts = load_prompts(args.paper_dir if args.paper_dir.is_dir() else None, args.n_fit, args.n_eval)
     shutil.rmtree(args.work_dir, ignore_errors=True)  # a fresh study for each tool, every run
     data = {key: write_dataset(args.work_dir / "prompts" / key, texts) for key, texts in prompts.items()}
     markers = list(cfg.eval.refusal_substrings)
     exe = heretic_executable(args.heretic_venv)
-    command = heretic_command(exe, model_dir, data, args, dtype, device, markers, cfg.eval.batch_size,
+    command = heretic_command(exe, heretic_model_dir, data, args, heretic_dtype, device, markers, cfg.eval.batch_size,
                               args.work_dir / "heretic")
     keys = ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")
     ours_settings = {"sources": benchmark_sources(cfg), **{k: cfg.search[k] for k in keys}}
-    for name, value in (("model", cfg.model.name), ("model_dir", model_dir), ("dtype", dtype),
+    for name, value in (("model", cfg.model.name), ("dtype", dtype),
+                        ("heretic_dtype", heretic_dtype), ("heretic_model_dir", heretic_model_dir),
                         ("trials", args.trials), ("startup_trials", args.startup_trials), ("seed", args.seed),
                         ("max_new_tokens", args.max_new_tokens), ("batch_size", cfg.eval.batch_size),
                         ("ours_settings", json.dumps(ours_settings, default=list)),

@@ -54,6 +54,7 @@ def test_both_tools_get_the_same_trials_markers_budget_and_system_prompt(tmp_pat
     assert options["--n-trials"] == "12" and options["--n-startup-trials"] == "4" and options["--seed"] == "3"
     assert options["--max-response-length"] == "24" and options["--refusal-markers"] == '["I cannot"]'
     assert options["--system-prompt"] == bench.SYSTEM_PROMPT and options["--batch-size"] == "16"
+    assert options["--dtypes"] == '["float32"]'
     assert options["--bad-evaluation-prompts.dataset"] == str(data["harmful_val"])
     assert options["--good-prompts.dataset"] == str(data["harmless_train"])
 
