@@ -188,12 +188,12 @@ def test_a_gguf_models_config_is_parsed_from_the_file_once_and_then_read_from_th
     gguf.parent.mkdir()
     gguf_export.write_from_model(build_model("qwen2", len(tokenizer), n_layers=2).eval(), tokenizer, gguf, "F32")
     model_cfg = OmegaConf.create({"name": "tiny-gguf", "source": source, "trust_remote_code": False})
-    from_file = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).get_text_config().to_dict()
 
-    first = loading.text_config(model_cfg).to_dict()
+    def settings(config) -> dict:  # the folder the config was read from aside
+        return {k: v for k, v in config.get_text_config().to_dict().items() if k != "_name_or_path"}
+
+    from_file = settings(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    first = settings(loading.text_config(model_cfg))
     gguf.unlink()  # a second read that went back to the GGUF would now fail
-    second = loading.text_config(model_cfg).to_dict()
-
-    for config in (first, second):
-        assert {k: v for k, v in config.items() if k != "_name_or_path"} == \
-            {k: v for k, v in from_file.items() if k != "_name_or_path"}
+    second = settings(loading.text_config(model_cfg))
+    assert first == from_file and second == from_file
