@@ -180,7 +180,7 @@ def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: 
     unedited = objective.refusals()
     study = optuna.create_study(storage=search.storage(f"sqlite:///{work / 'ours.db'}"), study_name="ours",
                                 directions=["minimize", "minimize"],
-                                sampler=search.sampler("tpe", args.seed, args.startup_trials))
+                                sampler=search.sampler(cfg.search.sampler, args.seed, args.startup_trials))
     search.optimize(study, objective, args.trials)
     trials = search.finished(study)
     trial_seconds = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()

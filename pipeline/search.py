@@ -75,13 +75,18 @@ def direction_at(candidates: torch.Tensor, index: float) -> torch.Tensor:
 
 def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], peak_range: tuple[float, float],
             sources: Sequence[str] = SOURCES, layer_range: tuple[float, float] = (0.0, 1.0)) -> dict:
-    """Sample one point of the search space (define-by-run: the layer index only for ``layer`` sources,
-    within ``layer_range`` as shares of the depth, never the embedding or past the last layer; kernel
-    peaks within ``peak_range``)."""
+    """Sample one point of the search space: the fractional layer index within ``layer_range`` as shares
+    of the depth (never the embedding or past the last layer), kernel peaks within ``peak_range``.
+
+    The space is the same for every trial: with ``layer`` among the sources the layer index is drawn even
+    when another source is, and only ``layer`` trials use it. (Multivariate TPE samples a parameter that only some
+    trials have independently of the others.)"""
     params = {"source": trial.suggest_categorical("source", list(sources))}
-    if params["source"] == "layer":
+    if "layer" in sources:
         low, high = max(1.0, layer_range[0] * n_layers), min(float(n_layers - 1), layer_range[1] * n_layers)
-        params["direction_layer"] = trial.suggest_float("direction_layer", low, max(low, high))
+        layer = trial.suggest_float("direction_layer", low, max(low, high))
+        if params["source"] == "layer":
+            params["direction_layer"] = layer
     for part in COMPONENTS:
         params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", *peak_range)
         params[f"{part}_position"] = trial.suggest_float(f"{part}_position", 0.0, float(n_layers - 1))

@@ -94,6 +94,17 @@ def test_the_direction_layer_stays_within_its_share_of_the_depth():
     assert 5.0 <= min(layers) < 6.0 and 14.0 < max(layers) <= 15.0
 
 
+def test_every_trial_draws_the_same_parameters_and_only_layer_sources_use_the_direction_layer():
+    # a parameter only some trials have would be sampled apart from the others by multivariate TPE
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = [study.ask() for _ in range(40)]
+    drawn = [search.suggest(trial, 20, ["plain"], (0.0, 1.0), ("layer", "per_layer")) for trial in trials]
+    assert {frozenset(trial.params) for trial in trials} == {frozenset(trials[0].params)}
+    assert "direction_layer" in trials[0].params
+    assert {params["source"] for params in drawn} == {"layer", "per_layer"}
+    assert all(("direction_layer" in params) == (params["source"] == "layer") for params in drawn)
+
+
 def test_kernel_peaks_stay_within_the_configured_range_and_a_reversed_range_says_what_to_give(tiny_lm):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     peaks = [value for _ in range(100)
