@@ -96,6 +96,13 @@ def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], peak_ra
     return params
 
 
+def used_params(trial: optuna.trial.FrozenTrial) -> dict:
+    """A trial's parameters as its edit uses them: the direction layer, drawn for every trial, only for a
+    ``layer`` source."""
+    return {key: value for key, value in trial.params.items()
+            if key != "direction_layer" or trial.params["source"] == "layer"}
+
+
 def paper_params(n_layers: int) -> dict:
     """The paper's edit as nearly as the space holds it: the selected direction ablated at full strength
     from every attention and MLP write (the search never edits the embedding). The stage's first trial,

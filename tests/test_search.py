@@ -103,6 +103,7 @@ def test_every_trial_draws_the_same_parameters_and_only_layer_sources_use_the_di
     assert "direction_layer" in trials[0].params
     assert {params["source"] for params in drawn} == {"layer", "per_layer"}
     assert all(("direction_layer" in params) == (params["source"] == "layer") for params in drawn)
+    assert [search.used_params(trial) for trial in trials] == drawn  # what the trial table and edit record show
 
 
 def test_kernel_peaks_stay_within_the_configured_range_and_a_reversed_range_says_what_to_give(tiny_lm):
