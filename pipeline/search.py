@@ -75,30 +75,28 @@ def direction_at(candidates: torch.Tensor, index: float) -> torch.Tensor:
 
 def suggest(trial: optuna.Trial, n_layers: int, variants: Sequence[str], peak_range: tuple[float, float],
             sources: Sequence[str] = SOURCES, layer_range: tuple[float, float] = (0.0, 1.0)) -> dict:
-    """Sample one point of the search space: the fractional layer index within ``layer_range`` as shares
-    of the depth (never the embedding or past the last layer), kernel peaks within ``peak_range``.
+    """Sample one point of the search space and return it as the edit uses it (``used_params``): the
+    fractional layer index within ``layer_range`` as shares of the depth (never the embedding or past the
+    last layer), kernel peaks within ``peak_range``.
 
-    The space is the same for every trial: with ``layer`` among the sources the layer index is drawn even
-    when another source is, and only ``layer`` trials use it. (Multivariate TPE samples a parameter that only some
-    trials have independently of the others.)"""
-    params = {"source": trial.suggest_categorical("source", list(sources))}
+    Every trial draws the same parameters: with ``layer`` among the sources the layer index is drawn even
+    when another source is, because multivariate TPE samples a parameter that only some trials have apart
+    from the others."""
+    trial.suggest_categorical("source", list(sources))
     if "layer" in sources:
         low, high = max(1.0, layer_range[0] * n_layers), min(float(n_layers - 1), layer_range[1] * n_layers)
-        layer = trial.suggest_float("direction_layer", low, max(low, high))
-        if params["source"] == "layer":
-            params["direction_layer"] = layer
+        trial.suggest_float("direction_layer", low, max(low, high))
     for part in COMPONENTS:
-        params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", *peak_range)
-        params[f"{part}_position"] = trial.suggest_float(f"{part}_position", 0.0, float(n_layers - 1))
-        params[f"{part}_floor"] = trial.suggest_float(f"{part}_floor", 0.0, 1.0)
-        params[f"{part}_width"] = trial.suggest_float(f"{part}_width", 1.0, float(n_layers))
-    params["variant"] = trial.suggest_categorical("variant", list(variants))
-    return params
+        trial.suggest_float(f"{part}_peak", *peak_range)
+        trial.suggest_float(f"{part}_position", 0.0, float(n_layers - 1))
+        trial.suggest_float(f"{part}_floor", 0.0, 1.0)
+        trial.suggest_float(f"{part}_width", 1.0, float(n_layers))
+    trial.suggest_categorical("variant", list(variants))
+    return used_params(trial)
 
 
-def used_params(trial: optuna.trial.FrozenTrial) -> dict:
-    """A trial's parameters as its edit uses them: the direction layer, drawn for every trial, only for a
-    ``layer`` source."""
+def used_params(trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict:
+    """A trial's parameters as its edit uses them: the direction layer only for a ``layer`` source."""
     return {key: value for key, value in trial.params.items()
             if key != "direction_layer" or trial.params["source"] == "layer"}
 

@@ -172,10 +172,11 @@ def run(cfg: DictConfig) -> None:
         table[["trial", "kl", "refusals", "pareto"]].to_csv(tmp, index=False)
 
     chosen, within = search.choose(trials, cfg.search.kl_budget)
-    edit, intervention = search.trial_edit(search.used_params(chosen), goal.base, goal.candidates, goal.harmless_means)
+    params = search.used_params(chosen)
+    edit, intervention = search.trial_edit(params, goal.base, goal.candidates, goal.harmless_means)
     save_edit(OUT, replace(edit, provenance={
         "method": "search", "stage": "search", "model": cfg.model.name, "intervention": intervention,
-        "trial": chosen.number, "params": search.used_params(chosen), "study": study.study_name,
+        "trial": chosen.number, "params": params, "study": study.study_name,
         "derived_from": "artifacts/select/edit.safetensors"}))
     baseline = (goal.refusals(), 0.0)  # the unedited model: its KL to itself is 0 by definition
     selected = goal.measure(goal.base, "ablation")[:2]  # the paper's: the selected direction at every layer
