@@ -23,9 +23,11 @@ token, as heretic reads its directions.
 
 It prints plain ``name: value`` lines: the settings, each front's points, each front's hypervolume
 against the reference point (every harmful evaluation prompt refused, KL = 1), ``hypervolume_ratio``
-(ours / heretic), whether our front dominates heretic's, and ``trials_per_hour_ratio`` (ours / heretic;
-each tool's rate over its trial phase, from the trials' start and end times in its Optuna storage).
-Everything it writes stays under ``--work-dir``.
+(ours / heretic), how many of each front's points the other front dominates, whether our front dominates
+heretic's, and ``trials_per_hour_ratio`` (ours / heretic; each tool's rate over its trial phase, from the
+trials' start and end times in its Optuna storage). ``--seeds 0 1 2`` runs both tools once per seed (our
+side loads and fits once) and ends with ``seeds_*`` lines: in how many draws each claim held, since one
+draw of two short searches says little about the next. Everything it writes stays under ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -112,13 +114,13 @@ def write_dataset(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
-def heretic_command(exe: Path, model_dir: str, data: dict[str, Path], args: argparse.Namespace, dtype: str,
-                    device: str, markers: list[str], batch_size: int, checkpoints: Path) -> list[str]:
+def heretic_command(exe: Path, model_dir: str, data: dict[str, Path], args: argparse.Namespace, seed: int,
+                    dtype: str, device: str, markers: list[str], batch_size: int, checkpoints: Path) -> list[str]:
     sets = {"good-prompts": "harmless_train", "bad-prompts": "harmful_train",
             "good-evaluation-prompts": "harmless_val", "bad-evaluation-prompts": "harmful_val"}
     command = [str(exe), "--model", model_dir, "--dtypes", json.dumps([dtype]), "--device-map", device,
                "--n-trials", str(args.trials), "--n-startup-trials", str(args.startup_trials),
-               "--seed", str(args.seed), "--max-response-length", str(args.max_new_tokens),
+               "--seed", str(seed), "--max-response-length", str(args.max_new_tokens),
                "--batch-size", str(batch_size), "--refusal-markers", json.dumps(markers),
                "--system-prompt", SYSTEM_PROMPT, "--study-checkpoint-dir", str(checkpoints)]
     for option, key in sets.items():
@@ -160,32 +162,47 @@ def heretic_run(venv: Path, command: list[str], work: Path) -> Run:
                max(t["end"] for t in trials) - min(t["start"] for t in trials), wall, trials[0]["base_refusals"])
 
 
-def our_run(cfg, prompts: dict[str, list[str]], args: argparse.Namespace, work: Path) -> Run:
-    """The project's search, fitted and evaluated on the same prompts, in a fresh SQLite study."""
-    start = time.perf_counter()
-    lm = load_model(cfg.model, cfg.runtime.device)
-    emit("ours_weight_first_rows", LOADED[cfg.model.name]["weight_first"]["rows"])
-    batch = cfg.runtime.batch_size
-    harmful_mean = mean_activations(lm, prompts["harmful_train"], batch, "harmful fit")[-1]
-    harmless_mean = mean_activations(lm, prompts["harmless_train"], batch, "harmless fit")[-1]
-    candidates = (harmful_mean - harmless_mean).float()  # [n_layers + 1, d] at the last post-instruction token
-    middle = lm.n_layers // 2  # only the searched fractional-layer direction is used; `base` gives the site
-    base = Edit.of(candidates[middle], middle, lm.n_layers, position=-1, harmless_mean=harmless_mean[middle].float())
-    harmless = search.HarmlessReference.of(lm, lm.encode(prompts["harmless_val"]), 1, cfg.eval.batch_size)
-    objective = search.Objective(lm, base, candidates, prompts["harmful_val"], harmless,
-                                 list(cfg.eval.refusal_substrings), args.max_new_tokens, cfg.eval.batch_size,
-                                 tuple(cfg.search.variants), tuple(cfg.search.peak_range), benchmark_sources(cfg),
-                                 harmless_mean.float(), tuple(cfg.search.layer_range), cfg.search.max_kl,
-                                 cfg.search.prune_dominated)
-    unedited = objective.refusals()
-    study = optuna.create_study(storage=search.storage(f"sqlite:///{work / 'ours.db'}"), study_name="ours",
-                                directions=["minimize", "minimize"],
-                                sampler=search.sampler(cfg.search.sampler, args.seed, args.startup_trials))
-    search.optimize(study, objective, args.trials)
-    trials = search.finished(study)
-    trial_seconds = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
-    return Run("ours", [(int(t.values[0]), t.values[1]) for t in search.completed(study)], len(trials),
-               trial_seconds, time.perf_counter() - start, unedited)
+@dataclass
+class OurSide:
+    """The project's search, fitted once on the benchmark's prompts; each seed then runs a fresh study."""
+
+    objective: search.Objective
+    unedited_refusals: int
+    setup_seconds: float  # loading the model, fitting the directions and the unedited model's references
+
+    @classmethod
+    def fit(cls, cfg, prompts: dict[str, list[str]], max_new_tokens: int) -> OurSide:
+        start = time.perf_counter()
+        lm = load_model(cfg.model, cfg.runtime.device)
+        emit("ours_weight_first_rows", LOADED[cfg.model.name]["weight_first"]["rows"])
+        batch = cfg.runtime.batch_size
+        harmful_mean = mean_activations(lm, prompts["harmful_train"], batch, "harmful fit")[-1]
+        harmless_mean = mean_activations(lm, prompts["harmless_train"], batch, "harmless fit")[-1]
+        candidates = (harmful_mean - harmless_mean).float()  # [n_layers + 1, d] at the last post-instruction token
+        middle = lm.n_layers // 2  # only the searched fractional-layer direction is used; `base` gives the site
+        base = Edit.of(candidates[middle], middle, lm.n_layers, position=-1,
+                       harmless_mean=harmless_mean[middle].float())
+        harmless = search.HarmlessReference.of(lm, lm.encode(prompts["harmless_val"]), 1, cfg.eval.batch_size)
+        objective = search.Objective(lm, base, candidates, prompts["harmful_val"], harmless,
+                                     list(cfg.eval.refusal_substrings), max_new_tokens, cfg.eval.batch_size,
+                                     tuple(cfg.search.variants), tuple(cfg.search.peak_range), benchmark_sources(cfg),
+                                     harmless_mean.float(), tuple(cfg.search.layer_range), cfg.search.max_kl,
+                                     cfg.search.prune_dominated)
+        unedited = objective.refusals()
+        return cls(objective, unedited, time.perf_counter() - start)
+
+    def run(self, sampler: str, seed: int, args: argparse.Namespace, work: Path) -> Run:
+        """One study with ``seed`` in a fresh SQLite file under ``work``."""
+        start = time.perf_counter()
+        study = optuna.create_study(storage=search.storage(f"sqlite:///{work / 'ours.db'}"), study_name="ours",
+                                    directions=["minimize", "minimize"],
+                                    sampler=search.sampler(sampler, seed, args.startup_trials))
+        search.optimize(study, self.objective, args.trials)
+        trials = search.finished(study)
+        first, last = min(t.datetime_start for t in trials), max(t.datetime_complete for t in trials)
+        return Run("ours", [(int(t.values[0]), t.values[1]) for t in search.completed(study)], len(trials),
+                   (last - first).total_seconds(), self.setup_seconds + time.perf_counter() - start,
+                   self.unedited_refusals)
 
 
 def benchmark_sources(cfg) -> tuple[str, ...]:
@@ -197,9 +214,14 @@ def benchmark_sources(cfg) -> tuple[str, ...]:
     return sources
 
 
+def covered(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) -> int:
+    """How many points of ``theirs`` have one of ``ours`` with no more refusals and no more KL."""
+    return sum(any(r <= tr and k <= tk for r, k in ours) for tr, tk in theirs)
+
+
 def dominates(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) -> bool:
     """Every point of ``theirs`` has one of ``ours`` with no more refusals and no more KL."""
-    return all(any(r <= tr and k <= tk for r, k in ours) for tr, tk in theirs)
+    return covered(ours, theirs) == len(theirs)
 
 
 def report(runs: list[Run], n_harmful: int) -> None:
@@ -219,8 +241,31 @@ def report(runs: list[Run], n_harmful: int) -> None:
     ours, heretic = (next(r for r in runs if r.tool == name) for name in ("ours", "heretic"))
     ratio = volumes["ours"] / volumes["heretic"] if volumes["heretic"] else float("inf")
     emit("hypervolume_ratio", f"{ratio:.3f}")
+    emit("heretic_points_dominated_by_ours", f"{covered(ours.front(), heretic.front())}/{len(heretic.front())}")
+    emit("ours_points_dominated_by_heretic", f"{covered(heretic.front(), ours.front())}/{len(ours.front())}")
     emit("ours_front_dominates_heretic_front", dominates(ours.front(), heretic.front()))
     emit("trials_per_hour_ratio", f"{ours.trials_per_hour / heretic.trials_per_hour:.2f}")
+
+
+def report_seeds(pairs: list[tuple[Run, Run]], n_harmful: int) -> None:
+    """How often, over the seeds' (heretic, ours) pairs, each claim held: one draw of two 20-trial searches
+    says little about the next, so a claim is stated as how many draws it held in."""
+    reference = (n_harmful, 1.0)
+    ratios = [search.hypervolume(ours.front(), reference) / search.hypervolume(heretic.front(), reference)
+              for heretic, ours in pairs]
+    emit("seeds_hypervolume_ratio", " ".join(f"{ratio:.3f}" for ratio in ratios))
+    emit("seeds_hypervolume_ratio_at_least_1", f"{sum(ratio >= 1 for ratio in ratios)}/{len(pairs)}")
+    emit("seeds_ours_front_dominates_heretic_front",
+         f"{sum(dominates(ours.front(), heretic.front()) for heretic, ours in pairs)}/{len(pairs)}")
+    emit("seeds_heretic_front_dominates_ours_front",
+         f"{sum(dominates(heretic.front(), ours.front()) for heretic, ours in pairs)}/{len(pairs)}")
+    for name, (mine, theirs) in (("heretic_points_dominated_by_ours", (1, 0)),
+                                 ("ours_points_dominated_by_heretic", (0, 1))):
+        hits = sum(covered(pair[mine].front(), pair[theirs].front()) for pair in pairs)
+        emit(f"seeds_{name}", f"{hits}/{sum(len(pair[theirs].front()) for pair in pairs)}")
+    rate = {tool: sum(pair[i].n_trials for pair in pairs) * 3600 / sum(pair[i].trial_seconds for pair in pairs)
+            for i, tool in enumerate(("heretic", "ours"))}
+    emit("seeds_trials_per_hour_ratio", f"{rate['ours'] / rate['heretic']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--trials", type=int, default=20, help="trials per tool")
     parser.add_argument("--startup-trials", type=int, default=6, help="random trials before TPE, per tool")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                        help="one run of each tool per seed; with several, each seed's lines follow a `seed:` line "
+                             "and `seeds_*` lines say in how many draws each claim held")
     parser.add_argument("--n-fit", type=int, default=64, help="harmful and harmless fitting prompts each")
     parser.add_argument("--n-eval", type=int, default=24, help="harmful and harmless evaluation prompts each")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated to judge refusal")
@@ -244,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.startup_trials > args.trials:
         parser.error("--startup-trials must not exceed --trials")
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give each seed once")
 
     cfg = compose_config([*args.overrides, "search=optuna", f"model.system_prompt={SYSTEM_PROMPT!r}"])
     apply_threads(cfg.runtime.threads)
@@ -257,22 +306,31 @@ def main(argv: list[str] | None = None) -> None:
     data = {key: write_dataset(args.work_dir / "prompts" / key, texts) for key, texts in prompts.items()}
     markers = list(cfg.eval.refusal_substrings)
     exe = heretic_executable(args.heretic_venv)
-    command = heretic_command(exe, heretic_model_dir, data, args, heretic_dtype, device, markers, cfg.eval.batch_size,
-                              args.work_dir / "heretic")
     keys = ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")
     ours_settings = {"sources": benchmark_sources(cfg), **{k: cfg.search[k] for k in keys}}
     for name, value in (("model", cfg.model.name), ("dtype", dtype),
                         ("heretic_dtype", heretic_dtype), ("heretic_model_dir", heretic_model_dir),
-                        ("trials", args.trials), ("startup_trials", args.startup_trials), ("seed", args.seed),
+                        ("trials", args.trials), ("startup_trials", args.startup_trials),
+                        ("seeds", " ".join(map(str, args.seeds))),
                         ("max_new_tokens", args.max_new_tokens), ("batch_size", cfg.eval.batch_size),
                         ("ours_settings", json.dumps(ours_settings, default=list)),
                         ("prompts_per_set", {k: len(v) for k, v in prompts.items()}),
-                        ("refusal_markers", json.dumps(markers)),
-                        ("heretic_settings", " ".join(command[1:]))):
+                        ("refusal_markers", json.dumps(markers))):
         emit(name, value)
-    runs = [heretic_run(args.heretic_venv, command, args.work_dir), our_run(cfg, prompts, args, args.work_dir)]
-    report(runs, len(prompts["harmful_val"]))
-
+    ours = OurSide.fit(cfg, prompts, args.max_new_tokens)
+    pairs = []
+    for seed in args.seeds:
+        work = args.work_dir / f"seed-{seed}"
+        work.mkdir(parents=True)
+        command = heretic_command(exe, heretic_model_dir, data, args, seed, heretic_dtype, device, markers,
+                                  cfg.eval.batch_size, work / "heretic")
+        emit("seed", seed)
+        emit("heretic_settings", " ".join(command[1:]))
+        pair = (heretic_run(args.heretic_venv, command, work), ours.run(cfg.search.sampler, seed, args, work))
+        report(list(pair), len(prompts["harmful_val"]))
+        pairs.append(pair)
+    if len(pairs) > 1:
+        report_seeds(pairs, len(prompts["harmful_val"]))
 
 if __name__ == "__main__":
     main()

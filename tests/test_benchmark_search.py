@@ -46,9 +46,9 @@ def test_heretic_reads_exactly_the_prompts_we_use(tmp_path):
 
 
 def test_both_tools_get_the_same_trials_markers_budget_and_system_prompt(tmp_path):
-    args = argparse.Namespace(trials=12, startup_trials=4, seed=3, max_new_tokens=24)
+    args = argparse.Namespace(trials=12, startup_trials=4, max_new_tokens=24)
     data = {key: tmp_path / key for key in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
-    command = bench.heretic_command(Path("heretic"), "/models/m", data, args, "float32", "cpu", ["I cannot"], 16,
+    command = bench.heretic_command(Path("heretic"), "/models/m", data, args, 3, "float32", "cpu", ["I cannot"], 16,
                                     tmp_path / "ckpt")
     options = dict(zip(command[1::2], command[2::2]))
     assert options["--n-trials"] == "12" and options["--n-startup-trials"] == "4" and options["--seed"] == "3"
@@ -69,6 +69,8 @@ def test_the_report_compares_fronts_by_hypervolume_dominance_and_trial_rate(caps
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["trials_per_hour_ratio"] == "3.20" and lines["ours_trials"] == "8 (5 pruned)"
     assert lines["ours_front_dominates_heretic_front"] == "False"
+    assert lines["heretic_points_dominated_by_ours"] == "2/3"  # (10, 0.02) and (4, 0.3); not (0, 0.5)
+    assert lines["ours_points_dominated_by_heretic"] == "1/3"  # (0, 0.6), by heretic's (0, 0.5)
     # the area each front dominates below (20 refusals, KL 1), as a staircase
     assert float(lines["heretic_hypervolume"]) == pytest.approx(20 * 0.5 + 16 * 0.2 + 10 * 0.28)
     assert float(lines["hypervolume_ratio"]) == pytest.approx(
@@ -81,3 +83,26 @@ def test_neither_side_starts_from_a_selected_direction():
     assert bench.benchmark_sources(cfg) == ("layer", "per_layer")
     with pytest.raises(ConfigError, match="per_layer"):
         bench.benchmark_sources(OmegaConf.create({"search": {"sources": ["selected"]}}))
+
+
+def test_over_several_seeds_the_report_says_in_how_many_draws_each_claim_held(capsys):
+    """One draw of two short searches says little about the next: each claim is counted over the seeds."""
+    heretic = [bench.Run("heretic", [(4, 0.3), (0, 0.5)], 2, 3600.0, 3700.0, 20),
+               bench.Run("heretic", [(2, 0.1), (0, 0.2)], 2, 3600.0, 3700.0, 20)]
+    ours = [bench.Run("ours", [(3, 0.2), (0, 0.4)], 4, 1800.0, 1900.0, 20),  # dominates the first draw's front
+            bench.Run("ours", [(1, 0.15)], 2, 1800.0, 1900.0, 20)]  # neither front dominates a point of the other
+    bench.report_seeds(list(zip(heretic, ours)), 20)
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["seeds_ours_front_dominates_heretic_front"] == "1/2"
+    assert lines["seeds_heretic_front_dominates_ours_front"] == "0/2"
+    assert lines["seeds_heretic_points_dominated_by_ours"] == "2/4"
+    assert lines["seeds_ours_points_dominated_by_heretic"] == "0/3"
+    first, second = map(float, lines["seeds_hypervolume_ratio"].split())
+    assert first > 1 > second and lines["seeds_hypervolume_ratio_at_least_1"] == "1/2"
+    assert lines["seeds_trials_per_hour_ratio"] == "3.00"  # 6 trials in 3600 s against 4 in 7200 s
+
+
+def test_a_repeated_seed_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "1", "1", "--trials", "2", "--startup-trials", "1"])
+    assert "repeats a seed" in capsys.readouterr().err
