@@ -34,6 +34,7 @@ lint: install
 benchmark: install
 	$(BIN)/python -m pipeline.benchmark
 
-# The ablation-parameter search against heretic-llm 1.4.0 (own venv, run as a program); ~100 min on 2 CPU cores.
+# The ablation-parameter search against heretic-llm 1.4.0 (own venv, run as a program), three seeds;
+# about 70 min on 2 CPU cores with AMX (README, "Head to head with heretic").
 benchmark-search: install
-	$(BIN)/python -m pipeline.benchmark search --trials 20 --startup-trials 6
+	$(BIN)/python -m pipeline.benchmark search 'search.sources=[layer,per_layer]' --trials 20 --startup-trials 6 --seeds 0 1 2

@@ -14,8 +14,9 @@ with:
   refusal and folds typographic apostrophes first);
 * the same KL: exact KL(unedited || edited) of the first generated token's distribution, averaged over
   the harmless evaluation prompts;
-* the same dtype, unless ``--heretic-dtype`` gives heretic another (each tool then measures its KL against
-  its own unedited model in its own dtype).
+* each tool in its fastest dtype: on a GPU both in ours (``model.dtype``), on a CPU heretic in float32
+  (``heretic_dtype``); ``--heretic-dtype`` sets heretic's. In different dtypes each tool measures its KL
+  against its own unedited model in its own dtype.
 
 The project's search uses the direction sources of ``search.sources`` except ``selected`` (heretic has no
 selected direction to offer): fractional-layer and per-layer directions, read at the last post-instruction
@@ -40,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,13 @@ def write_dataset(folder: Path, texts: list[str]) -> Path:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
     return folder
+
+
+def default_heretic_dtype(device: str, ours: str) -> str:
+    """heretic's fastest dtype: on a CPU float32, since its batched bfloat16 products fall back from oneDNN
+    (on a CPU with AMX a trial then takes minutes, against under a minute in float32; without AMX bfloat16
+    is slower than float32 anyway); on a GPU the dtype our side loads."""
+    return "float32" if device == "cpu" else ours
 
 
 def heretic_command(exe: Path, model_dir: str, data: dict[str, Path], args: argparse.Namespace, seed: int,
@@ -227,20 +236,17 @@ def dominates(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) ->
 def report(runs: list[Run], n_harmful: int) -> None:
     reference = (n_harmful, 1.0)
     emit("hypervolume_reference", f"refusals={reference[0]} kl={reference[1]}")
-    volumes = {}
     for run in runs:
         emit(f"{run.tool}_unedited_refusals", f"{run.unedited_refusals}/{n_harmful}")
         emit(f"{run.tool}_trials", f"{run.n_trials} ({run.n_trials - len(run.points)} pruned)")
         for refusals, kl in run.front():
             emit(f"{run.tool}_front_point", f"refusals={refusals} kl={kl:.4f}")
-        volumes[run.tool] = search.hypervolume(run.front(), reference)
-        emit(f"{run.tool}_hypervolume", f"{volumes[run.tool]:.4f}")
+        emit(f"{run.tool}_hypervolume", f"{search.hypervolume(run.front(), reference):.4f}")
         emit(f"{run.tool}_trial_seconds", f"{run.trial_seconds:.0f}")
         emit(f"{run.tool}_setup_seconds", f"{run.wall_seconds - run.trial_seconds:.0f}")
         emit(f"{run.tool}_trials_per_hour", f"{run.trials_per_hour:.1f}")
     ours, heretic = (next(r for r in runs if r.tool == name) for name in ("ours", "heretic"))
-    ratio = volumes["ours"] / volumes["heretic"] if volumes["heretic"] else float("inf")
-    emit("hypervolume_ratio", f"{ratio:.3f}")
+    emit("hypervolume_ratio", f"{hypervolume_ratio(ours, heretic, reference):.3f}")
     emit("heretic_points_dominated_by_ours", f"{covered(ours.front(), heretic.front())}/{len(heretic.front())}")
     emit("ours_points_dominated_by_heretic", f"{covered(heretic.front(), ours.front())}/{len(ours.front())}")
     emit("ours_front_dominates_heretic_front", dominates(ours.front(), heretic.front()))
@@ -251,21 +257,29 @@ def report_seeds(pairs: list[tuple[Run, Run]], n_harmful: int) -> None:
     """How often, over the seeds' (heretic, ours) pairs, each claim held: one draw of two 20-trial searches
     says little about the next, so a claim is stated as how many draws it held in."""
     reference = (n_harmful, 1.0)
-    ratios = [search.hypervolume(ours.front(), reference) / search.hypervolume(heretic.front(), reference)
-              for heretic, ours in pairs]
+    heretics, ours = zip(*pairs)
+    ratios = [hypervolume_ratio(o, h, reference) for h, o in pairs]
     emit("seeds_hypervolume_ratio", " ".join(f"{ratio:.3f}" for ratio in ratios))
     emit("seeds_hypervolume_ratio_at_least_1", f"{sum(ratio >= 1 for ratio in ratios)}/{len(pairs)}")
     emit("seeds_ours_front_dominates_heretic_front",
-         f"{sum(dominates(ours.front(), heretic.front()) for heretic, ours in pairs)}/{len(pairs)}")
+         f"{sum(dominates(o.front(), h.front()) for h, o in pairs)}/{len(pairs)}")
     emit("seeds_heretic_front_dominates_ours_front",
-         f"{sum(dominates(heretic.front(), ours.front()) for heretic, ours in pairs)}/{len(pairs)}")
-    for name, (mine, theirs) in (("heretic_points_dominated_by_ours", (1, 0)),
-                                 ("ours_points_dominated_by_heretic", (0, 1))):
-        hits = sum(covered(pair[mine].front(), pair[theirs].front()) for pair in pairs)
-        emit(f"seeds_{name}", f"{hits}/{sum(len(pair[theirs].front()) for pair in pairs)}")
-    rate = {tool: sum(pair[i].n_trials for pair in pairs) * 3600 / sum(pair[i].trial_seconds for pair in pairs)
-            for i, tool in enumerate(("heretic", "ours"))}
-    emit("seeds_trials_per_hour_ratio", f"{rate['ours'] / rate['heretic']:.2f}")
+         f"{sum(dominates(h.front(), o.front()) for h, o in pairs)}/{len(pairs)}")
+    emit("seeds_heretic_points_dominated_by_ours",
+         f"{sum(covered(o.front(), h.front()) for h, o in pairs)}/{sum(len(h.front()) for h in heretics)}")
+    emit("seeds_ours_points_dominated_by_heretic",
+         f"{sum(covered(h.front(), o.front()) for h, o in pairs)}/{sum(len(o.front()) for o in ours)}")
+    emit("seeds_trials_per_hour_ratio", f"{pooled_rate(ours) / pooled_rate(heretics):.2f}")
+
+
+def hypervolume_ratio(ours: Run, heretic: Run, reference: tuple[float, float]) -> float:
+    theirs = search.hypervolume(heretic.front(), reference)
+    return search.hypervolume(ours.front(), reference) / theirs if theirs else float("inf")
+
+
+def pooled_rate(runs: Sequence[Run]) -> float:
+    """Trials per hour over several runs' trial phases together."""
+    return sum(run.n_trials for run in runs) * 3600 / sum(run.trial_seconds for run in runs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,9 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=24, help="harmful and harmless evaluation prompts each")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated to judge refusal")
     parser.add_argument("--heretic-dtype", choices=("bfloat16", "float16", "float32"),
-                        help="heretic's dtype (default: the one our side loads, model.dtype). On a CPU with AMX "
-                             "heretic's bfloat16 products fall back from oneDNN and run far slower than float32, "
-                             "so its best setting there is float32 while ours is bfloat16")
+                        help="heretic's dtype (default: float32 on a CPU, else the one our side loads)")
     parser.add_argument("--paper-dir", type=Path, default=Path("../shared/datasets/refusal_direction"))
     parser.add_argument("--heretic-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts/benchmark/search"))
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     set_weight_first_rows(cfg.runtime.weight_first_rows)
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.model, device)
-    heretic_dtype = args.heretic_dtype or dtype
+    heretic_dtype = args.heretic_dtype or default_heretic_dtype(device, dtype)
     heretic_model_dir, _ = checkpoint(cfg.model, heretic_dtype)
     prompts = load_prompts(args.paper_dir if args.paper_dir.is_dir() else None, args.n_fit, args.n_eval)
     shutil.rmtree(args.work_dir, ignore_errors=True)  # a fresh study for each tool, every run

@@ -11,6 +11,8 @@ forward pass would.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +33,13 @@ OOM_BACKOFFS: list[dict] = []
 # step over a small batch costs about as much as a pass over this many tokens, so on a CPU, where
 # decoding is bound by reading the weights, a batch of generations costs ``max_new_tokens`` of these.
 PASS_OVERHEAD = 64
+
+
+def cache_field(model: PreTrainedModel) -> str:
+    """The name of the KV cache in ``model``'s forward arguments and outputs: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns on every pass and goes in 5.40); earlier 5.x
+    releases know only the old one. Read off the class: hooks may wrap an instance's ``forward``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,10 @@ class Runner:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @functools.cached_property
+    def cache_field(self) -> str:
+        return cache_field(self.model)
+
     def _prefix_cache(self, prefix: Sequence[int], longest: int, copies: int = 1):
         """KV cache of the shared prefix, or None where reusing it would change the result.
 
@@ -119,7 +132,7 @@ class Runner:
         if not (self.use_prefix_cache and prefix) or (window is not None and longest > window):
             return None
         ids = torch.tensor([list(prefix)] * copies, device=self.device)
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        return getattr(self.model(input_ids=ids, use_cache=True, logits_to_keep=1), self.cache_field)
 
     def _forward(self, bodies: Sequence[Sequence[int]], prefix_len: int, prefix_cache, use_cache=False,
                  copies: int = 1, cache_rows: torch.Tensor | None = None, **kwargs):
@@ -142,7 +155,7 @@ class Runner:
             input_ids=ids.to(self.device),
             attention_mask=full_mask.to(self.device),
             position_ids=positions.to(self.device),
-            past_key_values=cache,
+            **{self.cache_field: cache},
             use_cache=use_cache or cache is not None,
             **kwargs,
         )
@@ -297,7 +310,7 @@ class Runner:
                 groups.track(rows)
             out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True,
                                                  cache_rows=rows)
-            cache = out.past_key_values
+            cache = getattr(out, self.cache_field)
             mask, position = mask.to(self.device), positions[:, -1].to(self.device)
             alive = torch.arange(len(bodies), device=self.device)
             generated: list[list[int]] = [[] for _ in bodies]
@@ -324,10 +337,10 @@ class Runner:
                     input_ids=token[:, None],
                     attention_mask=mask,
                     position_ids=position[:, None],
-                    past_key_values=cache,
                     use_cache=True,
+                    **{self.cache_field: cache},
                 )
-                cache = out.past_key_values
+                cache = getattr(out, self.cache_field)
                 token = out.logits[:, -1].argmax(-1)
             return [[t for t in g if t not in set(eos_ids)] for g in generated]
 

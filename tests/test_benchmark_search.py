@@ -106,3 +106,8 @@ def test_a_repeated_seed_is_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--seeds", "1", "1", "--trials", "2", "--startup-trials", "1"])
     assert "repeats a seed" in capsys.readouterr().err
+
+
+def test_heretic_runs_in_float32_on_a_cpu_and_in_our_dtype_on_a_gpu():
+    assert bench.default_heretic_dtype("cpu", "bfloat16") == "float32"
+    assert bench.default_heretic_dtype("cuda", "bfloat16") == "bfloat16"

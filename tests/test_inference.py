@@ -1,5 +1,7 @@
 """Batching, prefix caching and greedy generation give the same numbers as plain one-prompt passes."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -53,6 +55,15 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm, family):
         ref = [t for t in ref.tolist() if t not in eos]
         assert tokens == ref
     assert len(got[0]) == 1  # stopped at its end-of-sequence token, which is not returned
+
+
+def test_the_kv_cache_goes_by_the_name_this_transformers_reads(tiny_lm):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; the old name warns on every pass."""
+    lm = tiny_lm("qwen2")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        got = lm.runner(batch_size=2, progress=False).generate(lm.encode(PROMPTS), lm.chat.prefix_ids, 3, lm.eos_ids)
+    assert len(got) == len(PROMPTS)
 
 
 def test_stop_ends_only_the_rows_it_names_and_keeps_their_tokens_so_far(tiny_lm):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.checkpoint import Checkpoint
+from pipeline.inference import cache_field
 from pipeline.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,14 @@ class TargetLoss:
         if not heads or not target:
             raise ValueError("GCG needs at least one prompt and a non-empty target")
         self.model = lm.model
+        self.cache_field = cache_field(lm.model)
         self.embedding = lm.adapter.embedding(lm.model)
         device = self.embedding.weight.device
         self.tail = torch.tensor(list(tail), device=device, dtype=torch.long)
         self.target = torch.tensor(list(target), device=device, dtype=torch.long)
         with torch.no_grad():
-            self.caches = [self.model(input_ids=torch.tensor([list(h)], device=device), use_cache=True).past_key_values
-                           for h in heads]
+            self.caches = [getattr(self.model(input_ids=torch.tensor([list(h)], device=device), use_cache=True),
+                                   self.cache_field) for h in heads]
 
     def _cache(self, index: int, rows: int):
         cache = copy.deepcopy(self.caches[index])  # a forward pass appends to its cache
@@ -100,7 +102,7 @@ class TargetLoss:
     def _target_logits(self, index: int, rows: int, **inputs) -> torch.Tensor:
         """Logits ``[rows, n_target, vocab]`` at the positions that predict the target tokens."""
         n = len(self.target)
-        out = self.model(past_key_values=self._cache(index, rows), use_cache=True, logits_to_keep=n + 1, **inputs)
+        out = self.model(use_cache=True, logits_to_keep=n + 1, **{self.cache_field: self._cache(index, rows)}, **inputs)
         return out.logits[:, :-1].float()
 
     def gradient(self, suffix: torch.Tensor) -> torch.Tensor:
