@@ -15,7 +15,7 @@ with:
 * the same KL: exact KL(unedited || edited) of the first generated token's distribution, averaged over
   the harmless evaluation prompts;
 * each tool in its fastest dtype: on a GPU both in ours (``model.dtype``), on a CPU heretic in float32
-  (``heretic_dtype``); ``--heretic-dtype`` sets heretic's. In different dtypes each tool measures its KL
+  (``default_heretic_dtype``); ``--heretic-dtype`` sets heretic's. In different dtypes each tool measures its KL
   against its own unedited model in its own dtype.
 
 The project's search uses the direction sources of ``search.sources`` except ``selected`` (heretic has no
