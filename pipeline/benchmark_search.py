@@ -22,7 +22,8 @@ The project's search uses the direction sources of ``search.sources`` except ``s
 selected direction to offer): fractional-layer and per-layer directions, read at the last post-instruction
 token, as heretic reads its directions.
 
-It prints plain ``name: value`` lines: the settings, each front's points, each front's hypervolume
+It prints plain ``name: value`` lines: the settings (with the ``machine``: on a CPU whether it has AMX,
+which decides how fast bfloat16 runs and so the rate ratio), each front's points, each front's hypervolume
 against the reference point (every harmful evaluation prompt refused, KL = 1), ``hypervolume_ratio``
 (ours / heretic), how many of each front's points the other front dominates, whether our front dominates
 heretic's, and ``trials_per_hour_ratio`` (ours / heretic; each tool's rate over its trial phase, from the
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 
 from pipeline import search
 from pipeline.benchmark import emit, load_prompts
@@ -53,7 +55,7 @@ from pipeline.config import compose_config
 from pipeline.edit import Edit
 from pipeline.errors import ConfigError
 from pipeline.models.loading import checkpoint, load_model, resolve_device, resolve_dtype
-from pipeline.runtime import LOADED, apply_threads, set_weight_first_rows
+from pipeline.runtime import LOADED, apply_threads, machine, set_weight_first_rows
 from pipeline.stages.activations import mean_activations
 
 HERETIC = "heretic-llm==1.4.0"
@@ -121,6 +123,11 @@ def default_heretic_dtype(device: str, ours: str) -> str:
     (on a CPU with AMX a trial then takes minutes, against under a minute in float32; without AMX bfloat16
     is slower than float32 anyway); on a GPU the dtype our side loads."""
     return "float32" if device == "cpu" else ours
+
+
+def device_description(device: str) -> str:
+    """Where both tools ran: the trial-rate ratio depends on it (on a CPU, chiefly on whether it has AMX)."""
+    return machine() if device == "cpu" else torch.cuda.get_device_name(device)
 
 
 def heretic_command(exe: Path, model_dir: str, data: dict[str, Path], args: argparse.Namespace, seed: int,
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     exe = heretic_executable(args.heretic_venv)
     keys = ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")
     ours_settings = {"sources": benchmark_sources(cfg), **{k: cfg.search[k] for k in keys}}
-    for name, value in (("model", cfg.model.name), ("dtype", dtype),
+    for name, value in (("model", cfg.model.name), ("machine", device_description(device)), ("dtype", dtype),
                         ("heretic_dtype", heretic_dtype), ("heretic_model_dir", heretic_model_dir),
                         ("trials", args.trials), ("startup_trials", args.startup_trials),
                         ("seeds", " ".join(map(str, args.seeds))),

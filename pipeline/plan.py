@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from pipeline import paths
 from pipeline.config import load_params
 from pipeline.errors import ConfigError
-from pipeline.runtime import BF16_MARGIN, available_cores, cpu_info, measure_rates, model_shapes
+from pipeline.runtime import BF16_MARGIN, machine, measure_rates, model_shapes
 from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -139,13 +138,6 @@ def show_plan() -> None:
         unknown = len(rows) - len(known)
         rest = f", plus {unknown} stages not estimated" if unknown else ""
         print(f"plan: about {minutes(sum(known))} in all{rest}")
-
-
-def machine() -> str:
-    """The CPU in words: what the reference was measured on (AMX or not decides bfloat16's speed)."""
-    model, flags = cpu_info()
-    amx = "with AMX" if "amx_bf16" in flags else "without AMX"
-    return f"{model}, {available_cores()} cores {amx} ({platform.machine()})"
 
 
 def record(folder: Path = REFERENCES) -> None:

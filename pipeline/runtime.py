@@ -325,6 +325,13 @@ def available_cores(cgroup_v2_max: Path = CGROUP_V2_MAX, cgroup_v1_dir: Path = C
     return max(1, min(cores, quota) if quota is not None else cores)
 
 
+def machine() -> str:
+    """The CPU in words: AMX or not decides bfloat16's speed, so a measured rate means little without it."""
+    model, flags = cpu_info()
+    amx = "with AMX" if "amx_bf16" in flags else "without AMX"
+    return f"{model}, {available_cores()} cores {amx} ({platform.machine()})"
+
+
 def workers_from_env() -> int:
     """Jobs sharing this machine, as a launcher announces them in ``REFUSAL_WORKERS`` (default 1)."""
     value = os.environ.get(WORKERS_ENV, "").strip()

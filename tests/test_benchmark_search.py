@@ -111,3 +111,11 @@ def test_a_repeated_seed_is_refused_before_anything_runs(capsys):
 def test_heretic_runs_in_float32_on_a_cpu_and_in_our_dtype_on_a_gpu():
     assert bench.default_heretic_dtype("cpu", "bfloat16") == "float32"
     assert bench.default_heretic_dtype("cuda", "bfloat16") == "bfloat16"
+
+
+def test_a_run_names_the_cpu_and_whether_it_has_amx(monkeypatch):
+    """The trial-rate ratio depends on the machine (on a CPU, on AMX above all): each run prints it."""
+    monkeypatch.setattr("pipeline.runtime.cpu_info", lambda: ("Some Xeon", ["avx512f", "amx_bf16"]))
+    assert bench.device_description("cpu").startswith("Some Xeon,") and "with AMX" in bench.device_description("cpu")
+    monkeypatch.setattr("pipeline.runtime.cpu_info", lambda: ("Some EPYC", ["avx2"]))
+    assert "without AMX" in bench.device_description("cpu")
