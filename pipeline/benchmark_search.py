@@ -185,6 +185,7 @@ class OurSide:
     objective: search.Objective
     unedited_refusals: int
     setup_seconds: float  # loading the model, fitting the directions and the unedited model's references
+    batch_trials: int = 1  # trials asked and measured together (search.batch_trials)
 
     @classmethod
     def fit(cls, cfg, prompts: dict[str, list[str]], max_new_tokens: int) -> OurSide:
@@ -205,7 +206,8 @@ class OurSide:
                                      harmless_mean.float(), tuple(cfg.search.layer_range), cfg.search.max_kl,
                                      cfg.search.prune_dominated)
         unedited = objective.refusals()
-        return cls(objective, unedited, time.perf_counter() - start)
+        emit("ours_batch_trials", cfg.search.batch_trials)
+        return cls(objective, unedited, time.perf_counter() - start, cfg.search.batch_trials)
 
     def run(self, sampler: str, seed: int, args: argparse.Namespace, work: Path) -> Run:
         """One study with ``seed`` in a fresh SQLite file under ``work``."""
@@ -213,7 +215,7 @@ class OurSide:
         study = optuna.create_study(storage=search.storage(f"sqlite:///{work / 'ours.db'}"), study_name="ours",
                                     directions=["minimize", "minimize"],
                                     sampler=search.sampler(sampler, seed, args.startup_trials))
-        search.optimize(study, self.objective, args.trials)
+        search.optimize(study, self.objective, args.trials, self.batch_trials)
         trials = search.finished(study)
         first, last = min(t.datetime_start for t in trials), max(t.datetime_complete for t in trials)
         return Run("ours", [(int(t.values[0]), t.values[1]) for t in search.completed(study)], len(trials),

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
 from pipeline.checkpoint import Checkpoint, content_key
 from pipeline.errors import ConfigError
-from pipeline.hooks import RowGroups, acting_on
+from pipeline.hooks import acting_together
 from pipeline.inference import Groups
 from pipeline.models.loading import LoadedModel
 from pipeline.refusal import is_refusal
@@ -106,13 +107,9 @@ def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[lis
     if len(stacked) < 2:
         stacked = []
     if stacked:
-        rows = RowGroups()
         prompts = [p for key in stacked for p in todo[key][1]]
         of = [g for g, key in enumerate(stacked) for _ in todo[key][1]]
-        with contextlib.ExitStack() as hooks:
-            for g, key in enumerate(stacked):
-                with acting_on(rows, g):
-                    hooks.enter_context(edits.apply(todo[key][0]))
+        with acting_together([partial(edits.apply, todo[key][0]) for key in stacked]) as rows:
             tokens = lm.runner(batch_size).generate(
                 prompts, lm.chat.prefix_ids, max_new_tokens, lm.eos_ids, desc=f"{desc} ({len(stacked)} together)",
                 store=store.scope("+".join(stacked), content_key([versions[key] for key in stacked])),
@@ -129,20 +126,45 @@ def condition_tokens(lm: LoadedModel, edits, jobs: dict[str, tuple[str, list[lis
     return {key: out[key] for key in jobs}
 
 
+@dataclass
+class GroupStopper:
+    """The ``Runner.generate`` stop test for rows of several groups (``of[i]``: prompt ``i``'s group), each
+    counting its own completions: a completion stops once it contains a phrase of ``stop_at``, and once
+    ``limits[g]`` prompts of group ``g`` have stopped so (None: no limit), group ``g`` has ``given_up``: its
+    other rows stop too, since its count can no longer matter (a search trial already beaten). Distinct
+    prompts are counted, so a batch retried after running out of memory counts its prompts once."""
+
+    lm: LoadedModel
+    stop_at: Sequence[str]
+    limits: Sequence[int | None]
+    of: Sequence[int] | None = None  # None: every prompt is of group 0
+    stopped: dict[int, set[int]] = field(default_factory=dict)
+
+    def given_up(self, g: int) -> bool:
+        limit = self.limits[g]
+        return limit is not None and len(self.stopped.get(g, ())) >= limit
+
+    def __call__(self, index: int, tokens: list[int]) -> bool:
+        g = self.of[index] if self.of is not None else 0
+        if self.given_up(g):
+            return True
+        if not is_refusal(decode(self.lm, tokens), self.stop_at):
+            return False
+        self.stopped.setdefault(g, set()).add(index)
+        return True
+
+
 def stopper(lm: LoadedModel, stop_at: Sequence[str], limit: int | None) -> Callable[[int, list[int]], bool] | None:
-    """The ``Runner.generate`` stop test for ``stop_at``; it raises ``StopLimitReached`` once completions of
-    ``limit`` distinct prompts have stopped (distinct: a batch retried after running out of memory
-    counts its prompts once)."""
+    """The ``Runner.generate`` stop test for ``stop_at`` (``GroupStopper`` with one group); it raises
+    ``StopLimitReached`` once completions of ``limit`` distinct prompts have stopped."""
     if not stop_at:
         return None
-    stopped: set[int] = set()
+    rows = GroupStopper(lm, stop_at, [limit])
 
     def stop(index: int, tokens: list[int]) -> bool:
-        if not is_refusal(decode(lm, tokens), stop_at):
-            return False
-        stopped.add(index)
-        if limit is not None and len(stopped) >= limit:
-            raise StopLimitReached(f"completions of {len(stopped)} prompts stopped at a phrase of stop_at")
-        return True
+        stopped = rows(index, tokens)
+        if rows.given_up(0):
+            raise StopLimitReached(f"completions of {limit} prompts stopped at a phrase of stop_at")
+        return stopped
 
     return stop

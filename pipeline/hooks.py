@@ -25,7 +25,7 @@ registered inside ``acting_on(groups, g)`` touch only the rows the runner curren
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 
 import torch
@@ -61,6 +61,18 @@ def acting_on(groups: RowGroups, g: int) -> Iterator[None]:
         yield
     finally:
         _ACTING_ON.reset(token)
+
+
+@contextlib.contextmanager
+def acting_together(interventions: Sequence[Callable[[], contextlib.AbstractContextManager]]) -> Iterator[RowGroups]:
+    """Enter every intervention (a function returning its context manager), intervention ``g`` acting only on
+    the rows of group ``g``; yields the ``RowGroups`` whose ``track`` the runner must be given (``Groups``)."""
+    rows = RowGroups()
+    with contextlib.ExitStack() as stack:
+        for g, intervention in enumerate(interventions):
+            with acting_on(rows, g):
+                stack.enter_context(intervention())
+        yield rows
 
 
 def _scoped(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

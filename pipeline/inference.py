@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import ForwardStopped
@@ -90,6 +92,12 @@ def text_sequences(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str],
     the input ``Runner.response_nll`` takes for plain-text cross-entropy."""
     ids = tokenizer(list(docs), add_special_tokens=True, truncation=True, max_length=max_length).input_ids
     return [(seq, 1) for seq in ids if len(seq) > 1]
+
+
+def joinable(cache) -> bool:
+    """Whether KV caches like ``cache`` can be joined along the batch after padding on the left: every layer
+    a plain ``DynamicLayer`` (None, no cache: unknown, so no)."""
+    return cache is not None and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,17 +255,28 @@ class Runner:
             return torch.empty(copies, 0, 0)
         return torch.stack(rows, dim=1)
 
+    def _track(self, groups: Groups | None, indices: Sequence[int]) -> torch.Tensor | None:
+        """The group of each row of a batch of prompts ``indices`` (on the model's device), announced to the
+        groups' hooks; None without groups."""
+        if groups is None:
+            return None
+        rows = groups.rows(indices).to(self.device)
+        groups.track(rows)
+        return rows
+
     @torch.inference_mode()
     def tail_logits(self, prompts: Sequence[Sequence[int]], prefix: Sequence[int], n: int,
-                    desc: str = "forward") -> torch.Tensor:
+                    desc: str = "forward", groups: Groups | None = None) -> torch.Tensor:
         """Next-token logits at the last ``n`` positions of each prompt, float32 ``[n_prompts, n, vocab]``
-        (prompts are left-padded: positions before a short prompt's start hold padding's logits)."""
+        (prompts are left-padded: positions before a short prompt's start hold padding's logits). With
+        ``groups``, prompts of several groups share batches, each row under its group's hooks."""
 
         def fn(indices, bodies, prefix_len, cache):
-            out, _, _ = self._forward(bodies, prefix_len, cache, logits_to_keep=n)
+            out, _, _ = self._forward(bodies, prefix_len, cache, logits_to_keep=n,
+                                      cache_rows=self._track(groups, indices))
             return out.logits[:, -n:].float().cpu()
 
-        rows = self._map_batches(prompts, prefix, fn, desc)
+        rows = self._map_batches(prompts, prefix, fn, desc, groups=groups)
         return torch.stack(rows) if rows else torch.empty(0, n, 0)
 
     @torch.inference_mode()
@@ -304,17 +323,13 @@ class Runner:
         eos = torch.tensor(sorted(set(eos_ids)), device=self.device)
 
         def fn(indices, bodies, prefix_len, cache):
-            rows = None
-            if groups is not None:
-                rows = groups.rows(indices).to(self.device)
-                groups.track(rows)
-            out, mask, positions = self._forward(bodies, prefix_len, cache, logits_to_keep=1, use_cache=True,
-                                                 cache_rows=rows)
-            cache = getattr(out, self.cache_field)
-            mask, position = mask.to(self.device), positions[:, -1].to(self.device)
+            order, cache, mask, position, logits = self._prefill(indices, bodies, prefix_len, cache, groups)
+            indices = [indices[i] for i in order]  # the rows' order from here on
+            rows = self._track(groups, indices)
+            mask, position = mask.to(self.device), position.to(self.device)
             alive = torch.arange(len(bodies), device=self.device)
             generated: list[list[int]] = [[] for _ in bodies]
-            token = out.logits[:, -1].argmax(-1)
+            token = logits.argmax(-1)
             for step in range(max_new_tokens):
                 for row, tok in zip(alive.tolist(), token.tolist()):
                     generated[row].append(tok)
@@ -342,10 +357,42 @@ class Runner:
                 )
                 cache = getattr(out, self.cache_field)
                 token = out.logits[:, -1].argmax(-1)
-            return [[t for t in g if t not in set(eos_ids)] for g in generated]
+            in_batch_order = [generated[row] for row in sorted(range(len(order)), key=order.__getitem__)]
+            return [[t for t in g if t not in set(eos_ids)] for g in in_batch_order]
 
         return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store, count_tokens=len,
                                  groups=groups)
+
+    def _prefill(self, indices: Sequence[int], bodies: Sequence[Sequence[int]], prefix_len: int, prefix_cache,
+                 groups: Groups | None) -> tuple[list[int], object, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A generation batch's first pass: ``(order, KV cache, attention mask, last positions, last logits)``
+        with rows in ``order`` (positions in the batch).
+
+        Rows of very different lengths are run in parts of similar length, cut as ``length_sorted_batches``
+        cuts prompts into passes, so fewer padding positions are computed; their caches are then joined,
+        padded on the left, and decode as one batch. Only caches of plain ``DynamicLayer`` layers are
+        joined (a sliding window counts padding), and only after a shared prefix: otherwise one pass.
+        """
+        parts = length_sorted_batches([len(b) for b in bodies], len(bodies))
+        if len(parts) > 1 and not joinable(prefix_cache):
+            parts = [list(range(len(bodies)))]
+        runs = []
+        for part in parts:
+            rows = self._track(groups, [indices[i] for i in part])
+            out, mask, positions = self._forward([bodies[i] for i in part], prefix_len, prefix_cache, logits_to_keep=1,
+                                                 use_cache=True, cache_rows=rows)
+            runs.append((getattr(out, self.cache_field), mask, positions[:, -1], out.logits[:, -1]))
+        order = [i for part in parts for i in part]
+        if len(runs) == 1:
+            return order, *runs[0]
+        width = max(mask.shape[1] for _, mask, _, _ in runs)
+        cache = runs[0][0]
+        for layer, *others in zip(cache.layers, *(c.layers for c, _, _, _ in runs[1:])):
+            joined = [layer, *others]
+            layer.keys = torch.cat([F.pad(part.keys, (0, 0, width - part.keys.shape[-2], 0)) for part in joined])
+            layer.values = torch.cat([F.pad(part.values, (0, 0, width - part.values.shape[-2], 0)) for part in joined])
+        mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for _, mask, _, _ in runs])
+        return order, cache, mask, torch.cat([p for _, _, p, _ in runs]), torch.cat([lg for _, _, _, lg in runs])
 
     @torch.inference_mode()
     def response_nll(

@@ -26,28 +26,37 @@ nothing at no more KL; otherwise generation gives up as soon as the trial has as
 best complete trial with no more KL (all harmful prompts are generated together, and refusals show in
 their first few tokens). Such trials are pruned, and count against the trial budget.
 
+Trials are asked ``batch_trials`` at a time and measured together: the trials whose edits are hooks run
+in shared batches, each hook acting on its own trial's rows, because a decoding step costs a CPU far less
+per row over many rows than over a few. Each trial's numbers are what measuring it alone gives; only the
+pruning differs, since the trials of a batch are counted against the trials complete before it.
+
 Trials live in Optuna's RDB storage (an SQLite file by default; PostgreSQL or MySQL for several
-workers): a killed search resumes the same study and loses at most its running trial.
+workers): a killed search resumes the same study and loses at most its running batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
 import optuna
 import sqlalchemy.exc
 import torch
+from optuna.storages._heartbeat import get_heartbeat_thread
 
 from pipeline.edit import Edit, Kernel
 from pipeline.errors import ConfigError
-from pipeline.generation import StopLimitReached, complete
-from pipeline.hooks import unit
-from pipeline.interventions import apply, orthogonal_to, projected
+from pipeline.generation import GroupStopper, StopLimitReached, complete_ids, decode
+from pipeline.hooks import acting_together, unit
+from pipeline.inference import Groups
+from pipeline.interventions import apply, get_intervention, orthogonal_to, projected
 from pipeline.models.loading import LoadedModel
 from pipeline.refusal import is_refusal, kl_divergence
 
@@ -148,6 +157,9 @@ def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,
     return edit, VARIANTS[params["variant"]]
 
 
+Measured = tuple[int | None, float, str | None]  # (refusals, KL, why the refusals were not counted)
+
+
 @dataclass
 class HarmlessReference:
     """The harmless prompts the KL objective reads and the unedited model's logits on them, computed once.
@@ -204,14 +216,21 @@ class Objective:
     max_kl: float = math.inf  # a trial whose KL exceeds this is pruned before its refusals are counted
     prune_dominated: bool = True  # also prune a trial once a complete one is no worse on both objectives
 
+    harmful_ids: list[list[int]] = field(init=False)  # the harmful prompts, encoded once
+
     def __post_init__(self) -> None:
         low, high = self.peak_range
         if not 0.0 <= low <= high:
             raise ConfigError(f"search.peak_range={list(self.peak_range)}",
                               "give [low, high] with 0 <= low <= high, e.g. [0.5, 1.5]")
+        self.harmful_ids = self.lm.encode(self.harmful)
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        """One point of this search's space for ``trial`` (``suggest``)."""
+        return suggest(trial, self.base.n_layers, self.variants, self.peak_range, self.sources, self.layer_range)
 
     def measure(self, edit: Edit, name: str,
-                rivals: Sequence[optuna.trial.FrozenTrial] | None = None) -> tuple[int | None, float, str | None]:
+                rivals: Sequence[optuna.trial.FrozenTrial] | None = None) -> Measured:
         """(refusals, mean KL, why refusals were not counted) of intervention ``name`` with ``edit``.
 
         The KL is measured first. With ``rivals`` (complete trials) the refusals are counted only as far
@@ -231,26 +250,79 @@ class Objective:
             except StopLimitReached:
                 return None, kl, f"{limit}+ refusals: {reason}"
 
+    def measure_all(self, points: Sequence[tuple[Edit, str]],
+                    rivals: Sequence[optuna.trial.FrozenTrial]) -> list[Measured]:
+        """``measure`` for several trials' (edit, intervention) at once, each counted against the same
+        ``rivals``. Trials whose intervention is hooks share batches, each hook acting on its own trial's rows:
+        on a CPU a decoding step over 96 rows costs about half as much per row as one over 24. A weight edit
+        changes the model for every row, so its trial is measured alone."""
+        shared = [i for i, (_, name) in enumerate(points) if get_intervention(name).hooks is not None]
+        if len(shared) < 2:
+            shared = []
+        results = {i: self.measure(*point, rivals) for i, point in enumerate(points) if i not in shared}
+        if shared:
+            results.update(zip(shared, self._measure_together([points[i] for i in shared], rivals)))
+        return [results[i] for i in range(len(points))]
+
+    def _measure_together(self, points: Sequence[tuple[Edit, str]],
+                          rivals: Sequence[optuna.trial.FrozenTrial]) -> list[Measured]:
+        """``measure_all`` for hook trials: every trial's KL in shared batches, then the refusals of those
+        worth counting, generated together; a trial stops generating once it reaches its own limit."""
+        runner = self.lm.runner(self.batch_size, progress=False)
+        prefix, harmless, harmful = self.lm.chat.prefix_ids, self.harmless.ids, self.harmful_ids
+        with acting_together([partial(apply, self.lm, name, edit) for edit, name in points]) as rows:
+            logits = runner.tail_logits(harmless * len(points), prefix, self.harmless.logits.shape[1],
+                                        groups=Groups(_group_of(range(len(points)), len(harmless)), rows.track))
+            kls = [self.harmless.kl(part) for part in logits.split(len(harmless))]
+            limits, reasons = zip(*(prune_reason(kl, self.max_kl, rivals) for kl in kls))
+            counted = [g for g, limit in enumerate(limits) if limit != 0]
+            of = _group_of(counted, len(harmful))
+            stop = GroupStopper(self.lm, self.refusal_substrings, limits, of)
+            tokens = runner.generate(harmful * len(counted), prefix, self.max_new_tokens, self.lm.eos_ids,
+                                     stop=stop, groups=Groups(of, rows.track)) if counted else []
+        results: list[Measured] = [(None, kl, reason) for kl, reason in zip(kls, reasons)]  # limit 0: not counted
+        for g, completions in zip(counted, [tokens[i:i + len(harmful)] for i in range(0, len(tokens), len(harmful))]):
+            if stop.given_up(g):
+                results[g] = (None, kls[g], f"{limits[g]}+ refusals: {reasons[g]}")
+            else:
+                results[g] = (sum(is_refusal(decode(self.lm, t), self.refusal_substrings) for t in completions),
+                              kls[g], None)
+        return results
+
     def refusals(self, limit: int | None = None) -> int:
         """Refusals among the harmful prompts under whatever intervention is active; generation gives up
         (``StopLimitReached``) once ``limit`` completions are refusals."""
-        texts = complete(self.lm, self.harmful, self.max_new_tokens, self.batch_size, "search: harmful",
-                         stop_at=self.refusal_substrings, stop_limit=limit)
+        texts = complete_ids(self.lm, self.harmful_ids, self.max_new_tokens, self.batch_size, "search: harmful",
+                             stop_at=self.refusal_substrings, stop_limit=limit)
         return sum(is_refusal(t, self.refusal_substrings) for t in texts)
 
-    def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
+    def run(self, study: optuna.Study, proposed: Sequence[tuple[optuna.Trial, dict]]) -> tuple[list[Measured], float]:
+        """Measure trials asked together (each with its ``suggest``-ed parameters): each one's ``Measured``
+        and its share of the batch's seconds. Nothing is written to the study (see ``record``)."""
         start = time.perf_counter()
-        params = suggest(trial, self.base.n_layers, self.variants, self.peak_range, self.sources, self.layer_range)
-        edit, name = trial_edit(params, self.base, self.candidates, self.harmless_means)
-        refusals, kl, reason = self.measure(edit, name, completed(trial.study) if self.prune_dominated else [])
-        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
-        trial.set_user_attr("kl", kl)
-        if reason is not None:
-            trial.set_user_attr("pruned", reason)
-            log.info("trial %d pruned: %s", trial.number, reason)
-            raise optuna.TrialPruned(reason)
+        points = [trial_edit(params, self.base, self.candidates, self.harmless_means) for _, params in proposed]
+        results = self.measure_all(points, completed(study) if self.prune_dominated else [])
+        return results, (time.perf_counter() - start) / len(proposed)
+
+
+def record(study: optuna.Study, trial: optuna.Trial, params: dict, measured: Measured, seconds: float) -> None:
+    """Tell ``study`` a measured trial's result: its objectives, or that it was pruned and why (with its KL and
+    seconds either way)."""
+    refusals, kl, reason = measured
+    trial.set_user_attr("seconds", round(seconds, 2))
+    trial.set_user_attr("kl", kl)
+    if reason is None:
         log.info("trial %d: %d refusals, KL %.4f (%s)", trial.number, refusals, kl, params["variant"])
-        return refusals, kl
+        study.tell(trial, [refusals, kl])
+    else:
+        trial.set_user_attr("pruned", reason)
+        log.info("trial %d pruned: %s", trial.number, reason)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def _group_of(groups: Sequence[int], rows_each: int) -> list[int]:
+    """The group of each row when ``rows_each`` rows of every group in ``groups`` follow one another."""
+    return [g for g in groups for _ in range(rows_each)]
 
 
 def prune_reason(kl: float, max_kl: float, rivals: Sequence[optuna.trial.FrozenTrial]) -> tuple[int | None, str | None]:
@@ -303,16 +375,46 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
 
-def optimize(study: optuna.Study, objective: Objective, n_trials: int) -> int:
+@contextlib.contextmanager
+def heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
+    """Heartbeats for trials asked with ``study.ask`` (only ``study.optimize`` records them itself), so a
+    worker killed mid-batch leaves trials that ``fail_stale_trials`` fails; Optuna's own thread, one per trial."""
+    with contextlib.ExitStack() as stack:
+        for trial in trials:
+            stack.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+        yield
+
+
+def optimize(study: optuna.Study, objective: Objective, n_trials: int, batch_trials: int = 1) -> int:
     """Run trials until the study holds ``n_trials`` finished ones (complete or pruned, counting every
-    worker's); returns how many this call ran. A re-run after a kill only runs the missing ones."""
+    worker's); returns how many this call ran. A re-run after a kill only runs the missing ones.
+
+    Trials are asked ``batch_trials`` at a time and measured together (``Objective.measure_all``); TPE's
+    constant liar keeps the trials of a batch apart. A kill loses the running batch, nothing finished."""
+    if not (isinstance(batch_trials, int) and batch_trials >= 1):
+        raise ConfigError(f"search.batch_trials={batch_trials!r}", "use a positive number of trials (1: one at a time)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     ran = 0
-    while len(finished(study)) < n_trials:
-        study.optimize(objective, n_trials=1, catch=())
-        ran += 1
+    while (missing := n_trials - len(finished(study))) > 0:
+        proposed = []
+        for _ in range(min(batch_trials, missing)):  # asked one after the other: each sees the others pending
+            with warnings.catch_warnings():  # heartbeats are recorded below (`heartbeats`), as study.optimize does
+                warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+                trial = study.ask()
+            proposed.append((trial, objective.suggest(trial)))
+        trials = [trial for trial, _ in proposed]
+        try:
+            with heartbeats(study, trials):  # only while measuring; the results are written after
+                results, seconds = objective.run(study, proposed)
+        except BaseException:
+            for trial in trials:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        for (trial, params), measured in zip(proposed, results):
+            record(study, trial, params, measured, seconds)
+        ran += len(trials)
     return ran
 
 

@@ -57,6 +57,26 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm, family):
     assert len(got[0]) == 1  # stopped at its end-of-sequence token, which is not returned
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_rows_of_very_different_lengths_are_prefilled_apart_and_decode_together(tiny_lm, family):
+    """A long prompt and short ones in one generation batch: the prefill runs in two parts (the short rows are
+    not padded to the long one), the caches are joined, and every row generates what it generates alone."""
+    lm = tiny_lm(family)
+    ids = lm.encode([" ".join(["word"] * 150), *PROMPTS[:3]])
+    widths = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                              with_kwargs=True)
+    try:
+        got = lm.runner(batch_size=4, progress=False).generate(ids, lm.chat.prefix_ids, 5, lm.eos_ids)
+    finally:
+        hook.remove()
+    prefill = [shape for shape in widths if shape[1] > 1 and shape[1] != len(lm.chat.prefix_ids)]
+    assert [rows for rows, _ in prefill] == [1, 3]  # the long row alone, then the three short ones
+    for prompt_ids, tokens in zip(ids, got):
+        alone = lm.runner(batch_size=1, progress=False).generate([prompt_ids], lm.chat.prefix_ids, 5, lm.eos_ids)
+        assert tokens == alone[0]
+
+
 def test_the_kv_cache_goes_by_the_name_this_transformers_reads(tiny_lm):
     """transformers 5.24 renamed ``past_key_values`` to ``cache``; the old name warns on every pass."""
     lm = tiny_lm("qwen2")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from conftest import make_tiny_project, run_stages, subprocess_env
 from pipeline import search
 from pipeline.edit import Edit, read_edit
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.generation import complete
+from pipeline.generation import GroupStopper, complete
 from pipeline.interventions import check_names
 from pipeline.refusal import is_refusal, kl_divergence
 
@@ -361,22 +362,23 @@ def test_workers_that_start_together_on_a_fresh_storage_all_open_it(monkeypatch)
 @pytest.mark.slow
 def test_two_workers_on_one_storage_record_every_trial_once(selected, tmp_path):
     env = subprocess_env(tmp_path, OMP_NUM_THREADS="1", PYTHONPATH=str(selected))
-    overrides = {"search.n_trials": 8, "search.storage": f"sqlite:///{selected / 'artifacts' / 'search' / 'study.db'}"}
+    overrides = {"search.n_trials": 8, "search.batch_trials": 2,
+                 "search.storage": f"sqlite:///{selected / 'artifacts' / 'search' / 'study.db'}"}
     (selected / "artifacts" / "search").mkdir(parents=True, exist_ok=True)
     workers = [_worker(selected, env, **overrides) for _ in range(2)]
     for w in workers:
         assert w.wait(timeout=600) == 0, w.stderr.read()[-3000:]
     trials = _trials(selected, overrides)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert 8 <= len(complete) <= 9  # each worker stops once the study holds 8; both may finish one at the end
+    assert 8 <= len(complete) <= 10  # each worker stops once the study holds 8; both may finish a batch of 2 at the end
     assert len({t.number for t in trials}) == len(trials)  # every trial recorded once
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)  # none lost
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(selected, tmp_path):
+def test_a_killed_search_resumes_and_loses_at_most_the_running_batch(selected, tmp_path):
     env = subprocess_env(tmp_path, OMP_NUM_THREADS="1", PYTHONPATH=str(selected))
-    overrides = {"search.n_trials": 40}
+    overrides = {"search.n_trials": 40, "search.batch_trials": 2}
     worker = _worker(selected, env, **overrides)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until some trials are complete, then kill mid-trial
@@ -391,7 +393,7 @@ def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(selected, t
     worker.wait()
     before = _trials(selected, overrides)
     finished = [t for t in before if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(before) - len(finished) <= 1  # at most the running trial is unfinished
+    assert len(before) - len(finished) <= 2  # at most the running batch of trials is unfinished
     run_stages(selected, "search", **_search_overrides(**overrides))
     metrics = json.loads((selected / "metrics" / "search.json").read_text())
     assert metrics["n_trials"] == 40
@@ -425,3 +427,64 @@ def test_a_trial_stops_generating_once_its_refusals_equal_a_rival_with_less_kl(t
     assert refusals is None and reason.startswith(f"{refusing}+ refusals") and "trial 0" in reason
     assert objective.measure(base, "ablation", [_frozen(0, refusing + 1, 0.0)])[0] == refusing
     assert objective.measure(base, "ablation", [_frozen(0, 0, 1e-3)])[0] == refusing  # its KL is above this one's
+
+
+def _phrase_objective(lm, harmful):
+    """An objective over ``harmful`` whose "refusal phrase" is a word the unedited tiny model writes, so
+    the unedited model refuses at least once; with the number of refusals it has."""
+    texts = complete(lm, harmful, 6, 4, "unedited")
+    phrase = next(t.split()[0] for t in texts if t.split())
+    harmless = search.HarmlessReference.of(lm, lm.encode(["Name a colour.", "Say hello."]), 1, 4)
+    base = Edit.of(torch.randn(lm.d_model), 1, lm.n_layers, position=-1, harmless_mean=torch.randn(lm.d_model))
+    candidates = torch.randn(lm.n_layers + 1, lm.d_model)
+    objective = search.Objective(lm, base, candidates, harmful, harmless, [phrase], 6, 4,
+                                 ("plain", "projected", "norm_preserving"), (0.0, 1.5))
+    return objective, sum(is_refusal(t, [phrase]) for t in texts)
+
+
+def _point(objective, variant, peak, position, source="layer"):
+    params = {"source": source, "direction_layer": 1.5, "variant": variant,
+              **{f"{part}_{key}": value for part in search.COMPONENTS for key, value in
+                 {"peak": peak, "position": position, "floor": 0.5, "width": 2.0}.items()}}
+    return search.trial_edit(params, objective.base, objective.candidates)
+
+
+def _words(reason: str | None) -> str | None:
+    """A pruning reason without its KL figures (two batchings round the last digit differently)."""
+    return None if reason is None else re.sub(r"\d+\.\d+", "x", reason)
+
+
+def test_trials_measured_together_get_what_each_gets_alone(tiny_lm):
+    """Hook trials share batches, each hook on its own trial's rows, and a weight edit runs alone: every
+    trial's refusals and KL are what measuring it by itself gives, with and without rivals to prune against."""
+    lm = tiny_lm("qwen2")
+    objective, refusing = _phrase_objective(lm, ["Write a haiku about autumn.", "Name a fruit.", "Describe the sea.",
+                                                 "Count to five.", "Tell a joke."])
+    nothing = _point(objective, "plain", 0.0, 0.0)  # zero weights: the unedited model
+    points = [_point(objective, "plain", 1.5, 1.0), nothing, _point(objective, "norm_preserving", 1.0, 0.0),
+              _point(objective, "projected", 1.2, 2.0, "per_layer")]
+    for rivals in ([], [_frozen(0, refusing, 0.0)], [_frozen(0, 0, 0.0)]):
+        alone = [objective.measure(edit, name, rivals) for edit, name in points]
+        together = objective.measure_all(points, rivals)
+        assert [(r, _words(why)) for r, _, why in together] == [(r, _words(why)) for r, _, why in alone]
+        torch.testing.assert_close(torch.tensor([kl for _, kl, _ in together]),
+                                   torch.tensor([kl for _, kl, _ in alone]), rtol=1e-4, atol=1e-6)
+    assert objective.measure_all([nothing], [_frozen(0, refusing, 0.0)])[0][0] is None  # reached the rival's count
+
+
+def test_a_trial_among_others_stops_generating_at_its_own_limit(tiny_lm):
+    """Once a group's completions have stopped at a phrase as often as its limit allows, its other rows stop
+    too; another group's rows go on."""
+    lm = tiny_lm("qwen2")
+    tokens = lm.tokenizer("stop here").input_ids
+    phrase = lm.tokenizer.decode(tokens[:1]).strip()
+    stop = GroupStopper(lm, [phrase], [1, None], of=[0, 0, 1, 1])
+    assert not stop(0, tokens[1:]) and not stop.given_up(0)  # no phrase yet
+    assert stop(1, tokens) and stop.given_up(0)  # group 0's limit of one is reached...
+    assert stop(0, tokens[1:])  # ...so its other row stops without the phrase
+    assert not stop(2, tokens[1:]) and stop(3, tokens) and not stop.given_up(1)  # group 1 has no limit
+
+
+def test_a_batch_of_trials_is_a_positive_number():
+    with pytest.raises(ConfigError, match="batch_trials"):
+        search.optimize(optuna.create_study(directions=["minimize", "minimize"]), None, 1, batch_trials=0)

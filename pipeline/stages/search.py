@@ -149,7 +149,7 @@ def work(cfg: DictConfig) -> tuple[optuna.Study, search.Objective, int]:
     goal = objective(cfg, lm)
     if not study.trials and "selected" in goal.sources and goal.peak_range[0] <= 1 <= goal.peak_range[1]:
         study.enqueue_trial(search.paper_params(lm.n_layers))  # start from the paper's edit
-    return study, goal, search.optimize(study, goal, cfg.search.n_trials)
+    return study, goal, search.optimize(study, goal, cfg.search.n_trials, cfg.search.batch_trials)
 
 
 def run(cfg: DictConfig) -> None:
