@@ -56,7 +56,7 @@ def storage_url(configured: str | None) -> str:
 def study_name(cfg: DictConfig) -> str:
     """A name for this exact search: model, search settings, and the inputs it reads (a change starts a new study)."""
     settings = OmegaConf.to_container(cfg.search, resolve=True)
-    for key in ("storage", "study_name", "n_trials", "kl_budget"):  # more trials or another choice: same study
+    for key in ("storage", "study_name", "n_trials", "kl_budget", "batch_trials"):  # same trials asked: same study
         settings.pop(key, None)
     inputs = [*edit_files("select"), paths.stage_dir("directions") / "candidates.safetensors", MEANS,
               *(paths.split_file("filter", side, "val") for side in ("harmful", "harmless"))]
