@@ -179,34 +179,77 @@ def directional_ablation(model: nn.Module, adapter: ModelAdapter, directions: to
         yield
 
 
+def norm_restoring_scales(weight: torch.Tensor, basis: torch.Tensor, share: float) -> torch.Tensor:
+    """For a residual writer's ``weight`` ``[d_model, d_in]``: by how much each column must grow to keep its norm
+    once a ``share`` of the orthonormal ``basis`` ``[k, d_model]`` is removed from it (``[d_in]``, float32)."""
+    v = weight.float()
+    b = basis.to(device=v.device, dtype=torch.float32).reshape(-1, v.shape[0])
+    edited = v - share * b.T @ (b @ v)
+    return v.norm(dim=0) / edited.norm(dim=0).clamp_min(1e-12)
+
+
 @contextlib.contextmanager
 def weighted_ablation(model: nn.Module, adapter: ModelAdapter, directions: torch.Tensor,
                       attention_weights: torch.Tensor, mlp_weights: torch.Tensor, embedding_weight: float = 1.0,
-                      per_layer: bool = False) -> Iterator[None]:
+                      per_layer: bool = False, norm_preserving: bool = False) -> Iterator[None]:
     """Remove a per-layer share of ``directions`` from every write into the residual stream.
 
     ``directions`` is a basis ``[k, d]`` shared by all layers, or with ``per_layer`` one direction per
     block (the embedding uses block 0's). Block ``l``'s residual writers are its attention and its MLP,
     in the adapter's order.
+
+    With ``norm_preserving`` every written vector keeps its norm, as ``pipeline.weight_edits`` folds it: each
+    embedding output is scaled back to its norm, and each output projection's input features are scaled
+    (``norm_restoring_scales``) so that the columns they weigh keep theirs (a bias, rescaled the same way,
+    replaces the projected one). Only for families whose output projections are their residual writers.
     """
     bases = [unit(d) for d in directions] if per_layer else [orthonormal(directions)] * len(adapter.blocks(model))
 
-    def out_hook(basis: torch.Tensor, weight: float):
-        ablate = _scoped(lambda t: project_out(t, basis, weight=weight))
+    def out_hook(fn: Callable[[torch.Tensor], torch.Tensor]):
+        scoped = _scoped(fn)
 
         def hook(module, args, output):
-            return _map_first(output, ablate)
+            return _map_first(output, scoped)
         return hook
+
+    def removed(basis: torch.Tensor, weight: float, shift: torch.Tensor | None = None):
+        if shift is None:
+            return lambda t: project_out(t, basis, weight=weight)
+        return lambda t: (project_out(t, basis, weight=weight).float() + shift.to(t.device)).to(t.dtype)
+
+    def kept_norm(basis: torch.Tensor, weight: float):
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            edited = project_out(t, basis, weight=weight).float()
+            return (edited * (t.float().norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                    ).to(t.dtype)
+        return fn
+
+    def scaled_input(scales: torch.Tensor):
+        scale = _scoped(lambda t: (t.float() * scales.to(t.device)).to(t.dtype))
+
+        def pre_hook(module, args):
+            return (scale(args[0]), *args[1:])
+        return pre_hook
 
     handles = []
     if embedding_weight:
-        handles.append(adapter.embedding(model).register_forward_hook(out_hook(bases[0], embedding_weight),
-                                                                        prepend=True))
+        fn = (kept_norm if norm_preserving else removed)(bases[0], embedding_weight)
+        handles.append(adapter.embedding(model).register_forward_hook(out_hook(fn), prepend=True))
     for block, basis, w_attn, w_mlp in zip(adapter.blocks(model), bases, attention_weights.tolist(),
                                            mlp_weights.tolist(), strict=True):
-        for writer, weight in zip(adapter.residual_writers(block), (w_attn, w_mlp), strict=True):
-            if weight:
-                handles.append(writer.register_forward_hook(out_hook(basis, weight), prepend=True))
+        writers = zip(adapter.residual_writers(block), adapter.output_projections(block), (w_attn, w_mlp), strict=True)
+        for writer, linear, weight in writers:
+            if not weight:
+                continue
+            shift = None
+            if norm_preserving:
+                handles.append(linear.register_forward_pre_hook(
+                    scaled_input(norm_restoring_scales(linear.weight, basis, weight)), prepend=True))
+                if linear.bias is not None:
+                    bias = linear.bias.float()[None]
+                    kept = kept_norm(basis, weight)(bias)
+                    shift = (kept - project_out(bias, basis, weight=weight))[0]
+            handles.append(writer.register_forward_hook(out_hook(removed(basis, weight, shift)), prepend=True))
     with _registered(handles):
         yield
 

@@ -19,8 +19,8 @@ applies with the record of that stage instead (``Edits``).
   its layer (so ablation leaves the harmless mean untouched), then ablated as in the paper.
 * ``weighted_ablation``: per-layer strengths (the edit's attention / MLP weights and embedding weight).
 * ``norm_preserving_ablation``: the weight edit that removes the direction from every residual writer
-  (with the edit's per-layer weights) and rescales each edited vector to its original norm; evaluated on
-  the folded weights.
+  (with the edit's per-layer weights) and rescales each edited vector to its original norm; as hooks,
+  each output projection's input features are scaled so the columns they weigh keep their norms.
 * ``addition`` / ``subtraction``: activation addition of ``±coeff · r`` at the edit's addition layer.
 * ``recorded``: the intervention the edit record names: a search trial's own (``weighted_ablation`` or
   ``norm_preserving_ablation``, with its kernel), the paper's ``ablation`` for a record that names none.
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from pipeline.edit import Edit, load_edit
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.hooks import acting_on_rows, activation_addition, directional_ablation, unit, weighted_ablation
 from pipeline.models.adapters import ModelAdapter
 from pipeline.weight_edits import edited_in_place, fold_ablation
@@ -222,10 +222,18 @@ def weighted(model, adapter, edit, stacked=False):
                              edit.embedding_weight, edit.per_layer)
 
 
-register("norm_preserving_ablation", fold=partial(_fold, weighted=True, norm_preserving=True),
-         doc="Weight edit removing the direction (with the edit's per-layer weights, 1 everywhere unless a search "
-             "set them) from every residual writer, each edited vector rescaled to its original norm (no hook "
-             "form: evaluated on the folded weights).")(None)
+@register("norm_preserving_ablation", fold=partial(_fold, weighted=True, norm_preserving=True))
+def norm_preserving(model, adapter, edit, stacked=False):
+    """The direction removed from every residual writer (with the edit's per-layer weights, 1 everywhere unless a
+    search set them), each written vector keeping its norm: hooks that give what the folded weights give."""
+    if stacked:
+        raise ConfigError("norm_preserving_ablation does not stack alternatives", "score candidates with ablation")
+    blocker = adapter.orthogonalization_blocker()
+    if blocker:
+        raise PipelineError(f"norm-preserving ablation is defined on the weights, not exact for this family: {blocker}",
+                            "use ablation or weighted_ablation for this model")
+    return weighted_ablation(model, adapter, edit.directions, edit.attention_weights, edit.mlp_weights,
+                             edit.embedding_weight, edit.per_layer, norm_preserving=True)
 
 
 def _addition(sign: float) -> Hooks:

@@ -8,8 +8,8 @@ vectors), with their biases. Removing a share ``w`` of a unit basis ``B`` from e
 
 The norm-preserving variant then rescales every edited residual-stream vector (embedding row, weight
 column, bias) back to its original norm, so the edit takes the direction away without shrinking what
-each unit writes. It has no hook equivalent in ``pipeline.hooks``; the stages evaluate it on the folded
-weights (``edited_in_place`` restores the originals afterwards).
+each unit writes. Its hook form (``pipeline.hooks.weighted_ablation`` with ``norm_preserving``) scales each
+output projection's input features instead; ``edited_in_place`` restores folded weights afterwards.
 
 With tied embeddings the unembedding is untied first: hook ablation never touches it.
 """

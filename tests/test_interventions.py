@@ -11,6 +11,7 @@ from pipeline.hooks import activation_addition, directional_ablation, residual_r
 from pipeline.interventions import INTERVENTIONS, apply, get_intervention, projected
 from pipeline.stages.activations import mean_activations
 from pipeline.stages.directions import difference_in_means
+from pipeline.weight_edits import edited_in_place
 
 
 def orthogonalize_weights(model, adapter, r) -> bool:
@@ -175,7 +176,7 @@ def _logits(lm, input_ids, mask):
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - POST_NORM))
-@pytest.mark.parametrize("name", sorted(set(FOLDABLE) - {"norm_preserving_ablation"}))
+@pytest.mark.parametrize("name", sorted(FOLDABLE))
 def test_every_foldable_intervention_folds_into_weights_that_equal_its_hooks(tiny_lm, family, name):
     lm = tiny_lm(family, tie=family != "qwen")
     edit = {"weighted_ablation": _kernel_edit(lm), "recorded": _trial_edit(lm)}.get(name) or _edit(lm)
@@ -269,7 +270,11 @@ def test_norm_preserving_ablation_removes_r_keeps_each_written_vectors_norm_and_
     before = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
     input_ids, mask = _batch(lm)
     original = _logits(lm, input_ids, mask)
-    with apply(lm, "norm_preserving_ablation", edit):
+    with apply(lm, "norm_preserving_ablation", edit):  # hooks: the weights stay as they are
+        assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
+        hooked = _logits(lm, input_ids, mask)
+    with edited_in_place(lm.model, lm.adapter):
+        INTERVENTIONS["norm_preserving_ablation"].fold(lm.model, lm.adapter, edit)
         columns = o_proj.weight.float()
         assert (u @ columns).abs().max() < 1e-5  # no column writes along r
         torch.testing.assert_close(columns.norm(dim=0), before[_name(lm, o_proj)].norm(dim=0), rtol=1e-5, atol=1e-6)
@@ -278,6 +283,7 @@ def test_norm_preserving_ablation_removes_r_keeps_each_written_vectors_norm_and_
                                    rtol=1e-5, atol=1e-6)
         edited = _logits(lm, input_ids, mask)
     assert not torch.allclose(edited, original, atol=1e-3)
+    torch.testing.assert_close(hooked[mask.bool()], edited[mask.bool()], rtol=1e-4, atol=1e-4)
     for name, p in lm.model.named_parameters():
         assert torch.equal(p, before[name]), f"{name} not restored"
     assert lm.model.get_output_embeddings().weight is lm.adapter.embedding(lm.model).weight  # re-tied
@@ -296,6 +302,9 @@ def test_post_norm_families_refuse_every_weight_edit(tiny_lm, family, name):
     lm = tiny_lm(family)
     with pytest.raises(PipelineError, match="Gemma 2/3"):
         INTERVENTIONS[name].fold(lm.model, lm.adapter, _edit(lm))
+    if name == "norm_preserving_ablation":  # defined on the weights: its hooks refuse too
+        with pytest.raises(PipelineError, match="Gemma 2/3"):
+            apply(lm, name, _edit(lm)).__enter__()
 
 
 def test_an_unknown_intervention_names_the_registered_ones():
@@ -378,9 +387,8 @@ def test_conditions_decoded_together_get_the_completions_each_gets_alone(tiny_lm
     together = condition_tokens(lm, edits, encoded, 6, 8, "together", Checkpoint(tmp_path / "all"))
     assert together == alone
     assert together["harmful_ablation"] != together["harmful_baseline"], "the interventions should matter"
-    # six hook conditions at once, then the weight edit alone
-    assert [g is not None for g in grouped] == [True, False][: 1 + (family not in POST_NORM)]
-    assert grouped[0].count == 6
+    # every condition at once: the norm-preserving edit too is hooks
+    assert len(grouped) == 1 and grouped[0].count == 6 + (family not in POST_NORM)
     with_stops = condition_tokens(lm, edits, encoded, 6, 8, "together, stopped", Checkpoint(tmp_path / "stopped"),
                                   stop_at)
     assert with_stops["harmful_ablation"] == stopped
