@@ -7,7 +7,8 @@
 * Weighted ablation removes only a share of the direction from each write: block ``l``'s attention
   output loses ``attention_weights[l]`` of it, its MLP output ``mlp_weights[l]``, the token embedding
   ``embedding_weight`` (all 1: the paper's ablation, up to rounding). It touches exactly what a weight
-  edit can, so folding it into the weights gives the same model.
+  edit can, so folding it into the weights gives the same model. Its norm-preserving form also scales each
+  output projection's inputs so that every written vector keeps its norm, as the folded edit does.
 * Activation addition adds ``coeff · r`` to the residual stream at the input of one block (or of the
   final norm, for the "after the last layer" index), at every position.
 
