@@ -357,8 +357,8 @@ class Runner:
                 )
                 cache = getattr(out, self.cache_field)
                 token = out.logits[:, -1].argmax(-1)
-            in_batch_order = [generated[row] for row in sorted(range(len(order)), key=order.__getitem__)]
-            return [[t for t in g if t not in set(eos_ids)] for g in in_batch_order]
+            by_position = dict(zip(order, generated))  # row r holds the batch's prompt order[r]
+            return [[t for t in by_position[i] if t not in set(eos_ids)] for i in range(len(order))]
 
         return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store, count_tokens=len,
                                  groups=groups)

@@ -248,7 +248,7 @@ class Objective:
             try:
                 return self.refusals(limit), kl, None
             except StopLimitReached:
-                return None, kl, f"{limit}+ refusals: {reason}"
+                return None, kl, gave_up(limit, reason)
 
     def measure_all(self, points: Sequence[tuple[Edit, str]],
                     rivals: Sequence[optuna.trial.FrozenTrial]) -> list[Measured]:
@@ -283,7 +283,7 @@ class Objective:
         results: list[Measured] = [(None, kl, reason) for kl, reason in zip(kls, reasons)]  # limit 0: not counted
         for g, completions in zip(counted, [tokens[i:i + len(harmful)] for i in range(0, len(tokens), len(harmful))]):
             if stop.given_up(g):
-                results[g] = (None, kls[g], f"{limits[g]}+ refusals: {reasons[g]}")
+                results[g] = (None, kls[g], gave_up(limits[g], reasons[g]))
             else:
                 results[g] = (sum(is_refusal(decode(self.lm, t), self.refusal_substrings) for t in completions),
                               kls[g], None)
@@ -337,6 +337,11 @@ def prune_reason(kl: float, max_kl: float, rivals: Sequence[optuna.trial.FrozenT
     best = min(beaten, key=lambda t: (t.values[0], t.values[1], t.number))
     return int(best.values[0]), (f"KL {kl:.4f} not below trial {best.number}'s {best.values[1]:.4f} with "
                                  f"{int(best.values[0])} refusals")
+
+
+def gave_up(limit: int, reason: str) -> str:
+    """Why a trial's generation stopped at ``limit`` refusals (``prune_reason``'s ``reason`` for that limit)."""
+    return f"{limit}+ refusals: {reason}"
 
 
 def sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
