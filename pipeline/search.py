@@ -10,7 +10,8 @@ The search space is ``weighted_ablation``'s (``pipeline.edit``, ``pipeline.inter
 * for attention writes and for MLP writes separately, a layer kernel: peak weight, peak position, floor
   weight (as a share of the peak) and width (``pipeline.edit.Kernel``); the embedding is not edited;
 * the variant: ``plain`` (hooks), ``projected`` (the direction made orthogonal to the harmless mean
-  first) or ``norm_preserving`` (the weight edit that keeps each written vector's norm).
+  first), ``norm_preserving`` (the weight edit that keeps each written vector's norm) or
+  ``projected_norm_preserving`` (both).
 
 Two objectives, both minimised: the number of refusals among the search's harmful prompts (greedy
 completions judged by substring matching, each stopped once a refusal phrase settles its verdict), and
@@ -63,7 +64,9 @@ from pipeline.refusal import is_refusal, kl_divergence
 log = logging.getLogger(__name__)
 
 VARIANTS = {"plain": "weighted_ablation", "projected": "weighted_ablation",
-            "norm_preserving": "norm_preserving_ablation"}
+            "norm_preserving": "norm_preserving_ablation", "projected_norm_preserving": "norm_preserving_ablation"}
+PROJECTED = ("projected", "projected_norm_preserving")  # variants whose directions are made orthogonal to the
+# harmless mean first (with norm preservation: "norm-preserving biprojected abliteration", heretic's default)
 COMPONENTS = ("attention", "mlp")
 SAMPLERS = ("tpe", "nsga2")
 SOURCES = ("selected", "layer", "per_layer")
@@ -150,9 +153,9 @@ def trial_edit(params: dict, base: Edit, candidates: torch.Tensor,
                 embedding_weight=0.0, per_layer=per_layer, harmless_mean=harmless_mean,
                 addition_layer=base.addition_layer, addition_coeff=base.addition_coeff, position=base.position,
                 position_label=base.position_label)
-    if params["variant"] == "projected" and per_layer and harmless_means is not None:
+    if params["variant"] in PROJECTED and per_layer and harmless_means is not None:
         edit = edit.with_directions(orthogonal_to(directions, harmless_means[after_blocks]))  # each off its own site
-    elif params["variant"] == "projected":
+    elif params["variant"] in PROJECTED:
         edit = projected(edit)
     return edit, VARIANTS[params["variant"]]
 

@@ -48,6 +48,9 @@ def test_a_trial_is_a_weighted_ablation_edit_with_its_kernels():
     assert abs(float(edit.direction @ base.harmless_mean)) < 1e-5  # projected off the harmless mean
     assert search.trial_edit({**params, "variant": "norm_preserving"}, base, torch.randn(5, 8))[1] == \
         "norm_preserving_ablation"
+    both, name = search.trial_edit({**params, "variant": "projected_norm_preserving"}, base, torch.randn(5, 8))
+    assert name == "norm_preserving_ablation"
+    torch.testing.assert_close(both.direction, edit.direction)  # the projected direction, its norm kept
 
 
 def test_a_direction_from_a_fractional_layer_is_projected_off_that_layers_harmless_mean():
@@ -314,6 +317,11 @@ def test_trials_over_the_kl_cap_are_pruned_before_generating_and_count_against_t
                               storage=f"sqlite:///{selected / 'artifacts' / 'search' / 'study.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 5
     assert all(t.user_attrs["kl"] > 0 for t in study.trials)
+
+
+def test_an_unknown_variant_says_which_there_are(selected):
+    with pytest.raises(ConfigError, match=r"(?s)search.variants=\['projectd'\].*projected_norm_preserving"):
+        run_stages(selected, "search", **_search_overrides(**{"search.variants": ["projectd"]}))
 
 
 def test_search_off_writes_only_that_it_is_off(selected):

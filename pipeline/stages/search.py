@@ -74,9 +74,15 @@ def objective(cfg: DictConfig, lm: LoadedModel) -> search.Objective:
     harmful = instructions(read_split("filter", "harmful", "val"))[: cfg.search.n_harmful]
     harmless_ids = lm.encode(instructions(read_split("filter", "harmless", "val"))[: cfg.search.n_harmless])
     variants = list(cfg.search.variants)
-    if lm.adapter.orthogonalization_blocker() and "norm_preserving" in variants:
-        log.warning("%s cannot fold weight edits: the search leaves out the norm_preserving variant", lm.name)
-        variants.remove("norm_preserving")
+    if set(variants) - set(search.VARIANTS) or not variants:
+        raise ConfigError(f"search.variants={variants}", f"choose from: {', '.join(search.VARIANTS)}")
+    unfoldable = [v for v in variants if search.VARIANTS[v] == "norm_preserving_ablation"]
+    if lm.adapter.orthogonalization_blocker() and unfoldable:
+        log.warning("%s cannot fold weight edits: the search leaves out %s", lm.name, ", ".join(unfoldable))
+        variants = [v for v in variants if v not in unfoldable]
+        if not variants:
+            raise ConfigError(f"search.variants={list(cfg.search.variants)} on {lm.name}",
+                              "add plain or projected: this model's weight edits cannot be folded")
     unknown = set(cfg.search.sources) - set(search.SOURCES)
     if unknown or not cfg.search.sources:
         raise ConfigError(f"search.sources={list(cfg.search.sources)}", f"choose from: {', '.join(search.SOURCES)}")
