@@ -180,13 +180,11 @@ def directional_ablation(model: nn.Module, adapter: ModelAdapter, directions: to
         yield
 
 
-def norm_restoring_scales(weight: torch.Tensor, basis: torch.Tensor, share: float) -> torch.Tensor:
-    """For a residual writer's ``weight`` ``[d_model, d_in]``: by how much each column must grow to keep its norm
-    once a ``share`` of the orthonormal ``basis`` ``[k, d_model]`` is removed from it (``[d_in]``, float32)."""
-    v = weight.float()
-    b = basis.to(device=v.device, dtype=torch.float32).reshape(-1, v.shape[0])
-    edited = v - share * b.T @ (b @ v)
-    return v.norm(dim=0) / edited.norm(dim=0).clamp_min(1e-12)
+def norm_restoring_scales(vectors: torch.Tensor, basis: torch.Tensor, share: float) -> torch.Tensor:
+    """By how much each of ``vectors`` (along the last dimension, e.g. a residual writer's columns as
+    ``weight.T``) must grow to keep its norm once a ``share`` of ``basis`` is removed from it (float32)."""
+    v = vectors.float()
+    return v.norm(dim=-1) / project_out(v, basis, weight=share).norm(dim=-1).clamp_min(1e-12)
 
 
 @contextlib.contextmanager
@@ -245,7 +243,7 @@ def weighted_ablation(model: nn.Module, adapter: ModelAdapter, directions: torch
             shift = None
             if norm_preserving:
                 handles.append(linear.register_forward_pre_hook(
-                    scaled_input(norm_restoring_scales(linear.weight, basis, weight)), prepend=True))
+                    scaled_input(norm_restoring_scales(linear.weight.T, basis, weight)), prepend=True))
                 if linear.bias is not None:
                     bias = linear.bias.float()[None]
                     kept = kept_norm(basis, weight)(bias)

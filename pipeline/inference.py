@@ -357,8 +357,8 @@ class Runner:
                 )
                 cache = getattr(out, self.cache_field)
                 token = out.logits[:, -1].argmax(-1)
-            by_position = dict(zip(order, generated))  # row r holds the batch's prompt order[r]
-            return [[t for t in by_position[i] if t not in set(eos_ids)] for i in range(len(order))]
+            by_position, ends = dict(zip(order, generated)), set(eos_ids)  # row r holds the batch's prompt order[r]
+            return [[t for t in by_position[i] if t not in ends] for i in range(len(order))]
 
         return self._map_batches(prompts, prefix, fn, desc, extra=max_new_tokens, store=store, count_tokens=len,
                                  groups=groups)

@@ -65,8 +65,9 @@ log = logging.getLogger(__name__)
 
 VARIANTS = {"plain": "weighted_ablation", "projected": "weighted_ablation",
             "norm_preserving": "norm_preserving_ablation", "projected_norm_preserving": "norm_preserving_ablation"}
-PROJECTED = ("projected", "projected_norm_preserving")  # variants whose directions are made orthogonal to the
-# harmless mean first (with norm preservation: "norm-preserving biprojected abliteration", heretic's default)
+# Variants whose directions are made orthogonal to the harmless mean first (with norm preservation:
+# "norm-preserving biprojected abliteration", close to what heretic searches by default).
+PROJECTED = ("projected", "projected_norm_preserving")
 COMPONENTS = ("attention", "mlp")
 SAMPLERS = ("tpe", "nsga2")
 SOURCES = ("selected", "layer", "per_layer")
