@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {key: write_dataset(args.work_dir / "prompts" / key, texts) for key, texts in prompts.items()}
     markers = list(cfg.eval.refusal_substrings)
     exe = heretic_executable(args.heretic_venv)
-    keys = ("layer_range", "variants", "peak_range", "max_kl", "prune_dominated")
+    keys = ("sampler", "layer_range", "variants", "peak_range", "max_kl", "prune_dominated")
     ours_settings = {"sources": benchmark_sources(cfg), **{k: cfg.search[k] for k in keys}}
     for name, value in (("model", cfg.model.name), ("machine", device_description(device)), ("dtype", dtype),
                         ("heretic_dtype", heretic_dtype), ("heretic_model_dir", heretic_model_dir),

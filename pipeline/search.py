@@ -59,6 +59,7 @@ from pipeline.hooks import acting_together, unit
 from pipeline.inference import Groups
 from pipeline.interventions import apply, get_intervention, orthogonal_to, projected
 from pipeline.models.loading import LoadedModel
+from pipeline.parego import ParEGOSampler
 from pipeline.refusal import is_refusal, kl_divergence
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ VARIANTS = {"plain": "weighted_ablation", "projected": "weighted_ablation",
 # "norm-preserving biprojected abliteration", close to what heretic searches by default).
 PROJECTED = ("projected", "projected_norm_preserving")
 COMPONENTS = ("attention", "mlp")
-SAMPLERS = ("tpe", "nsga2")
+SAMPLERS = ("tpe", "nsga2", "parego")
 SOURCES = ("selected", "layer", "per_layer")
 
 
@@ -353,6 +354,8 @@ def sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSa
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "parego":
+        return ParEGOSampler(seed, startup_trials)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
 
 
