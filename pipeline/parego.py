@@ -75,15 +75,14 @@ class ParEGOSampler(optuna.samplers.BaseSampler):
         finally:
             optuna.logging.set_verbosity(verbosity)
 
-        def copy(t: FrozenTrial, **outcome: Any) -> FrozenTrial:
+        def with_outcome(t: FrozenTrial, **outcome: Any) -> FrozenTrial:  # t's parameters in the scalar study
             return optuna.trial.create_trial(params={name: t.params[name] for name in search_space},
                                              distributions=search_space, **outcome)
 
-        scalar.add_trials([copy(t, value=float(v)) for t, v in zip(complete, values)]
-                          + [copy(t, state=TrialState.PRUNED) for t in trials if t.state == TrialState.PRUNED])
+        scalar.add_trials([with_outcome(t, value=float(v)) for t, v in zip(complete, values)]
+                          + [with_outcome(t, state=TrialState.PRUNED) for t in trials if t.state == TrialState.PRUNED])
         return scalar.ask(search_space).params
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
         return self._random.sample_independent(study, trial, param_name, param_distribution)
-

@@ -230,6 +230,15 @@ def test_search_writes_its_front_the_chosen_edit_and_resumes_without_repeating_t
     assert other["study"] != metrics["study"] and other["trials_this_run"] == 7
 
 
+def test_the_parego_sampler_runs_the_search_stage_and_resumes_its_study(selected):
+    run_stages(selected, "search", **_search_overrides(**{"search.sampler": "parego"}))
+    first = json.loads((selected / "metrics" / "search.json").read_text())
+    assert first["trials_this_run"] == 5  # 3 start-up trials, then 2 from the scalarised studies
+    run_stages(selected, "search", **_search_overrides(**{"search.sampler": "parego", "search.n_trials": 7}))
+    again = json.loads((selected / "metrics" / "search.json").read_text())
+    assert (again["study"], again["n_trials"], again["trials_this_run"]) == (first["study"], 7, 2)
+
+
 def test_the_evaluation_stages_read_the_chosen_trial_with_eval_edit_search(selected):
     overrides = _search_overrides()
     run_stages(selected, "search", **overrides)
