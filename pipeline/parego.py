@@ -8,9 +8,10 @@ removes every refusal, the weakest edits) where the random start-up left them. P
 problems") instead gives every trial a weight between the objectives and ranks the complete trials by the
 augmented Chebyshev scalarisation for that weight; single-objective multivariate TPE proposes from that
 ranking. The weights of successive trials follow the golden-ratio sequence, so the trials of any batch point
-at different parts of the front. Refusals and log KL are each scaled to [0, 1] over the complete trials (KL
-spans orders of magnitude along a front). Pruned trials stay in TPE's "bad" set, as multi-objective TPE
-keeps them.
+at different parts of the front (pending trials are not shown to TPE: the weights keep a batch apart).
+Refusals and log KL are each scaled to [0, 1] over the complete trials (KL spans orders of magnitude along a
+front). Pruned trials are handed to TPE as pruned, which ranks them below every complete trial, as
+multi-objective TPE does.
 """
 
 from __future__ import annotations

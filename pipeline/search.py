@@ -402,7 +402,8 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, batch_tri
     worker's); returns how many this call ran. A re-run after a kill only runs the missing ones.
 
     Trials are asked ``batch_trials`` at a time and measured together (``Objective.measure_all``); TPE's
-    constant liar keeps the trials of a batch apart. A kill loses the running batch, nothing finished."""
+    constant liar keeps the trials of a batch apart (ParEGO's: their different weights). A kill loses the
+    running batch, nothing finished."""
     if not (isinstance(batch_trials, int) and batch_trials >= 1):
         raise ConfigError(f"search.batch_trials={batch_trials!r}", "use a positive number of trials (1: one at a time)")
     with warnings.catch_warnings():

@@ -25,10 +25,13 @@ def test_a_weight_near_one_ranks_the_fewest_refusals_first_and_near_zero_the_low
     assert np.argmin(middle) in (1, 2) and middle[3] > middle[0]  # a dominated point never ranks above its rival
 
 
-def toy(trial: optuna.Trial) -> tuple[float, float]:
+def toy_values(strength: float) -> list[float]:
     """Refusals fall and KL rises with the edit's strength."""
-    strength = trial.suggest_float("strength", 0.0, 1.0)
-    return float(round(15 * (1 - strength))), 0.05 * strength**2
+    return [float(round(15 * (1 - strength))), 0.05 * strength**2]
+
+
+def toy(trial: optuna.Trial) -> list[float]:
+    return toy_values(trial.suggest_float("strength", 0.0, 1.0))
 
 
 def test_the_start_up_trials_are_the_random_draws_tpe_makes_with_the_same_seed():
@@ -45,8 +48,7 @@ def test_a_trial_weighted_toward_one_objective_is_proposed_near_the_trials_best_
     monkeypatch.setattr(parego, "weight", lambda number: refusal_weight)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=search.sampler("parego", 0, 6))
     space = {"strength": optuna.distributions.FloatDistribution(0.0, 1.0)}
-    study.add_trials([optuna.trial.create_trial(params={"strength": x}, distributions=space,
-                                                values=[round(15 * (1 - x)), 0.05 * x**2])
+    study.add_trials([optuna.trial.create_trial(params={"strength": x}, distributions=space, values=toy_values(x))
                       for x in np.linspace(0.0, 1.0, 21)])
     proposals = [study.ask(space).params["strength"] for _ in range(15)]
     assert low <= np.median(proposals) <= high  # strongest edits toward no refusals, lightest toward no KL
