@@ -25,7 +25,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count against a study's budget
 RHO = 0.05  # the augmented term: among points tied on the Chebyshev term, the better sum ranks first
 KL_FLOOR = 1e-6  # log KL of an edit that changes nothing
 

@@ -59,7 +59,7 @@ from pipeline.hooks import acting_together, unit
 from pipeline.inference import Groups
 from pipeline.interventions import apply, get_intervention, orthogonal_to, projected
 from pipeline.models.loading import LoadedModel
-from pipeline.parego import ParEGOSampler
+from pipeline.parego import FINISHED, ParEGOSampler
 from pipeline.refusal import is_refusal, kl_divergence
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that count against the budget: complete ones and those pruned for their KL."""
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    return study.get_trials(deepcopy=False, states=FINISHED)
 
 
 @contextlib.contextmanager
